@@ -1,0 +1,1 @@
+"""Continual training: corpus, trainer, retraining policy and the versioned model registry."""

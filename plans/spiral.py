@@ -1,0 +1,229 @@
+"""Fermat-spiral ptychography plans, in bluesky's own plan pattern."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.preprocessors as bpp
+import numpy as np
+from bluesky.plans import list_scan
+from numpy.typing import NDArray
+
+from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
+
+#: Steps above this (in um) almost certainly mean the caller gave nanometres.
+MAX_PLAUSIBLE_STEP_UM = 5.0
+#: Scans at or above this overlap are marked ``labelled`` (usable for rPIE labels) by default.
+LABELLED_OVERLAP = 0.8
+
+
+def spiral_ptycho_pattern(x_center: float, y_center: float, step: float, num_points: int,
+                          route: str | Path | None = None) -> NDArray[np.float64]:
+    """Positions of a Fermat-spiral ptychography scan (pure pattern, no messages).
+
+    Parameters
+    ----------
+    x_center, y_center
+        Spiral centre, in the motors' units.
+    step
+        Spiral step (``r_n = step * sqrt(n)``), in the motors' units.
+    num_points
+        Number of points; with ``route`` the first ``num_points`` of the route.
+    route
+        Optional ``.npz`` route with ``x``, ``y`` in units of the step (the paper's
+        ``optimized_route.npz``, 963 points).
+
+    Returns
+    -------
+    xy : (num_points, 2) float64
+    """
+    if route is None:
+        xy = fermat_spiral(num_points, step)
+    else:
+        xy = paper_route(step, route)
+        if num_points > len(xy):
+            raise ValueError(f"num_points={num_points} but the route {route} has only {len(xy)} points")
+        xy = xy[:num_points]
+    return xy + np.array([x_center, y_center])
+
+
+def _check_args(detectors: Sequence[Any], step: Any, num_points: Any, x_center: Any, y_center: Any) -> None:
+    if not isinstance(detectors, Sequence) or isinstance(detectors, str) or not detectors:
+        raise TypeError(f"detectors must be a non-empty list of detectors, got {detectors!r}")
+    for name, value in (("step", step), ("x_center", x_center), ("y_center", y_center)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a number in the motors' units (um), got {value!r}")
+        if not np.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value!r}")
+    if step <= 0:
+        raise ValueError(f"step must be positive (um), got {step!r}; e.g. step=0.05 is the paper's 50 nm")
+    if step > MAX_PLAUSIBLE_STEP_UM:
+        raise ValueError(
+            f"step={step!r} um is implausibly large for a ptychography scan: the step is in the "
+            f"motors' units (micrometres); for {step} nm pass step={step / 1000:g}")
+    if isinstance(num_points, bool) or not isinstance(num_points, numbers.Integral):
+        raise TypeError(f"num_points must be an integer, got {num_points!r}")
+    if num_points < 1:
+        raise ValueError(f"num_points must be >= 1, got {num_points}")
+
+
+def _check_limits(motor: Any, values: NDArray[np.float64]) -> None:
+    limits = getattr(motor, "limits", None)
+    if not limits or limits[0] >= limits[1]:
+        return
+    low, high = limits
+    if values.min() < low or values.max() > high:
+        raise ValueError(
+            f"the scan moves {motor.name} over [{values.min():.4g}, {values.max():.4g}] but its travel "
+            f"is [{low:.4g}, {high:.4g}]: reduce step or num_points, or recentre the scan")
+
+
+def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, labelled: bool | None,
+                     beam_size: float | None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"step_um": float(step), "num_points": int(num_points)}
+    for det in detectors:
+        if hasattr(det, "ptycho_metadata"):
+            meta.update(det.ptycho_metadata())
+            meta["detector"] = det.name
+            meta["exposure_s"] = float(det.exposure_time.get())
+            break
+    if beam_size is not None:
+        meta["beam_diameter_nm"] = float(beam_size) * 1e3
+    if "beam_diameter_nm" in meta:
+        meta["overlap_ratio"] = overlap_ratio(step * 1e3, meta["beam_diameter_nm"])
+    if "photons_per_second" in meta and "exposure_s" in meta:
+        photons = meta["photons_per_second"] * meta["exposure_s"]
+        meta["photons_per_point"] = photons
+        meta["dose_photons_per_nm2"] = dose_photons_per_nm2(photons, step * 1e3)
+    if labelled is None:
+        labelled = meta.get("overlap_ratio", 0.0) >= LABELLED_OVERLAP
+    meta["labelled"] = bool(labelled)
+    return meta
+
+
+def spiral_ptycho_scan(
+    detectors: Sequence[Any],
+    x_motor: Any,
+    y_motor: Any,
+    *,
+    step: float,
+    num_points: int,
+    x_center: float = 0.0,
+    y_center: float = 0.0,
+    route: str | Path | None = None,
+    exposure: float | None = None,
+    beam_size: float | None = None,
+    labelled: bool | None = None,
+    per_step: Any = None,
+    md: dict[str, Any] | None = None,
+):
+    """Fermat-spiral ptychography step scan.
+
+    Parameters
+    ----------
+    detectors
+        Detectors to trigger and read at each point (a :class:`~edge_ptycho_bluesky.devices.PtychoDetector`
+        contributes the geometry to the metadata).
+    x_motor, y_motor
+        The stage axes (micrometres for the simulated stage).
+    step
+        Spiral step in the motors' units: ``step=0.05`` is the paper's 50 nm.
+    num_points
+        Number of scan points (the paper: 963).
+    x_center, y_center
+        Spiral centre (motors' units).
+    route
+        ``.npz`` route in units of the step (the paper's ``optimized_route.npz``) instead of the
+        computed spiral.
+    exposure
+        Detector exposure time (s) set before the scan (default: leave as is).
+    beam_size
+        Beam diameter in the motors' units, if no detector reports it (for the overlap ratio).
+    labelled
+        Mark the scan as a source of rPIE training labels (default: overlap >= 0.8).
+    per_step
+        Hook for the inner loop (see :func:`bluesky.plan_stubs.one_nd_step`).
+    md
+        Extra metadata.
+
+    Notes
+    -----
+    The start document carries the scan geometry, probe size, exposure, dose and overlap ratio
+    under ``start["edge_ptycho"]``.
+    """
+    _check_args(detectors, step, num_points, x_center, y_center)
+    if exposure is not None and not (isinstance(exposure, numbers.Real) and exposure > 0):
+        raise ValueError(f"exposure must be a positive time in seconds, got {exposure!r}")
+    xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
+    _check_limits(x_motor, xy[:, 0])
+    _check_limits(y_motor, xy[:, 1])
+    pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
+                    "route": None if route is None else str(route)}
+    _md: dict[str, Any] = {
+        "plan_name": "spiral_ptycho_scan",
+        "plan_args": {"detectors": list(map(repr, detectors)), "x_motor": repr(x_motor),
+                      "y_motor": repr(y_motor), **pattern_args, "exposure": exposure,
+                      "beam_size": beam_size, "labelled": labelled, "per_step": repr(per_step)},
+        "plan_pattern": "spiral_ptycho_pattern",
+        "plan_pattern_module": __name__,
+        "plan_pattern_args": pattern_args,
+        "extents": [[float(xy[:, 0].min()), float(xy[:, 0].max())],
+                    [float(xy[:, 1].min()), float(xy[:, 1].max())]],
+        "hints": {},
+        "motors": [x_motor.name, y_motor.name],
+        "num_points": int(num_points),
+    }
+    try:
+        _md["hints"]["dimensions"] = [(x_motor.hints["fields"], "primary"), (y_motor.hints["fields"], "primary")]
+    except (AttributeError, KeyError):
+        pass
+
+    def inner():
+        if exposure is not None:
+            for det in detectors:
+                if hasattr(det, "exposure_time"):
+                    yield from bps.mv(det.exposure_time, exposure)
+        _md["edge_ptycho"] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size)
+        _md.update(md or {})
+        return (yield from list_scan(detectors, x_motor, list(xy[:, 0]), y_motor, list(xy[:, 1]),
+                                     per_step=per_step, md=_md))
+
+    return (yield from inner())
+
+
+def rel_spiral_ptycho_scan(
+    detectors: Sequence[Any],
+    x_motor: Any,
+    y_motor: Any,
+    *,
+    step: float,
+    num_points: int,
+    md: dict[str, Any] | None = None,
+    **kwargs: Any,
+):
+    """:func:`spiral_ptycho_scan` centred on the motors' current positions, which are restored after.
+
+    Takes the same keyword arguments as :func:`spiral_ptycho_scan` except ``x_center``/``y_center``.
+    """
+    if "x_center" in kwargs or "y_center" in kwargs:
+        raise TypeError("rel_spiral_ptycho_scan is centred on the current position: drop x_center/y_center")
+    _check_args(detectors, step, num_points, 0.0, 0.0)
+    xy = spiral_ptycho_pattern(0.0, 0.0, step, num_points, kwargs.get("route"))
+    for motor, offsets in ((x_motor, xy[:, 0]), (y_motor, xy[:, 1])):
+        position = getattr(motor, "position", None)
+        if isinstance(position, numbers.Real):
+            _check_limits(motor, offsets + position)
+    _md = {"plan_name": "rel_spiral_ptycho_scan"}
+    _md.update(md or {})
+
+    @bpp.reset_positions_decorator([x_motor, y_motor])
+    @bpp.relative_set_decorator([x_motor, y_motor])
+    def inner():
+        return (yield from spiral_ptycho_scan(detectors, x_motor, y_motor, step=step, num_points=num_points,
+                                              md=_md, **kwargs))
+
+    return (yield from inner())
