@@ -1,0 +1,35 @@
+"""The IPython profile: every startup file runs in a real IPython and a scan runs from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PROFILE = Path(__file__).resolve().parents[1] / "profile_collection"
+
+
+def test_profile_startup_files_run_and_a_scan_is_stored(tmp_path):
+    startup = sorted((PROFILE / "startup").glob("*.py"))
+    assert [p.name[:2] for p in startup] == sorted(p.name[:2] for p in startup) and len(startup) >= 4
+    script = (
+        "uid, = RE(spiral_ptycho_scan([det], stage.x, stage.y, step=0.05, num_points=6))\n"
+        "run = get_run(catalog, uid)\n"
+        "print('FRAMES', run['primary']['ptycho_det_image'].read().shape)\n"
+        "print('REPLAYED', replay(run, lambda name, doc: None))\n"
+        "names = set(dir())\n"
+        "print('NAMES', {'RE', 'bec', 'stage', 'det', 'catalog', 'spiral_ptycho_scan', 'rel_spiral_ptycho_scan',"
+        " 'replay'} <= names)\n"
+    )
+    (tmp_path / "scan.py").write_text(script)
+    env = {**os.environ, "EDGE_PTYCHO_DATA_DIR": str(tmp_path / "data"), "MPLBACKEND": "Agg"}
+    env.pop("EDGE_PTYCHO_TILED_URI", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "IPython", "--no-banner", f"--profile-dir={PROFILE}", "--colors=nocolor",
+         "--HistoryManager.enabled=False", str(tmp_path / "scan.py")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "FRAMES (6, 128, 128)" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "NAMES True" in result.stdout
+    assert "REPLAYED" in result.stdout
