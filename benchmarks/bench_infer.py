@@ -1,0 +1,183 @@
+"""Inference throughput of PtychoNN 2.0 per engine and batch size.
+
+Engines measured (each available one):
+
+* ``onnxruntime/exported`` -- the paper's weights re-exported with a dynamic batch
+  (:func:`edge_ptycho_bluesky.model.export_onnx`);
+* ``onnxruntime/paper-b8`` -- the paper's fixed-batch-8 ``ptychoNN_8.onnx`` as distributed
+  (batches are split into chunks of 8 and the last chunk zero-padded, so batch 1 costs 8 frames);
+* ``torch-cpu`` -- the torch model with the paper's weights;
+* ``torch-cuda``, ``tensorrt-fp16`` -- where a CUDA GPU (and TensorRT) exist.
+
+For every engine, thread count and batch size it runs batches for at least ``--seconds``
+(after a warm-up) and repeats that ``--repeats`` times, reporting the best repeat (the CPU is
+shared, so the best run is the closest to the machine's capability) and the median batch
+latency of that repeat.  The machine's load average is printed before and after.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_infer.py --quick
+    .venv/bin/python benchmarks/bench_infer.py --batches 1 8 --threads 1 --seconds 3
+
+Without ``../shared/data/ptychoNN_8.onnx`` the model has random weights (timings are the same).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from edge_ptycho_bluesky.model import (  # noqa: E402
+    OnnxRuntimeEngine,
+    TorchEngine,
+    available_engines,
+    build_model,
+    export_onnx,
+    ptychonn2_from_onnx,
+)
+
+PAPER_ONNX = ROOT.parent / "shared" / "data" / "ptychoNN_8.onnx"
+
+
+def gflop_per_frame(model: nn.Module, shape: tuple[int, int] = (128, 128)) -> float:
+    """Multiply-adds x 2 of the convolutions for one frame, in GFLOP."""
+    flops = 0
+    hooks = []
+
+    def hook(module: nn.Conv2d, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal flops
+        k = module.kernel_size[0] * module.kernel_size[1]
+        flops += 2 * module.in_channels * module.out_channels * k * out.shape[-2] * out.shape[-1]
+
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(hook))
+    with torch.inference_mode():
+        model(torch.zeros(1, 1, *shape))
+    for h in hooks:
+        h.remove()
+    return flops / 1e9
+
+
+def measure(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: float, repeats: int) -> tuple[float, float]:
+    """Best frames/s over ``repeats`` runs of >= ``seconds`` each, and that run's median ms/batch."""
+    x = (np.random.default_rng(0).random((batch, 128, 128)) * 500).astype(np.float32)
+    for _ in range(2):
+        infer(x)  # warm-up: allocations, kernel/primitive selection
+    best_fps, best_median = 0.0, float("nan")
+    for _ in range(repeats):
+        times = []
+        start = time.perf_counter()
+        while True:
+            t0 = time.perf_counter()
+            infer(x)
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start >= seconds and len(times) >= 3:
+                break
+        fps = batch * len(times) / sum(times)
+        if fps > best_fps:
+            best_fps, best_median = fps, 1e3 * statistics.median(times)
+    return best_fps, best_median
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (1 s x 2 repeats)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16, 64])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads to try")
+    parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements per point; the best is reported")
+    parser.add_argument(
+        "--engines", nargs="+", default=["onnxruntime/exported", "onnxruntime/paper-b8", "torch-cpu", "torch-cuda", "tensorrt-fp16"]
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seconds, args.repeats = 1.0, 2
+
+    if PAPER_ONNX.is_file():
+        model = ptychonn2_from_onnx(PAPER_ONNX)
+        weights = "paper's weights"
+    else:
+        torch.manual_seed(0)
+        model = build_model("ptychonn2")
+        weights = "random weights (paper ONNX absent)"
+    gflop = gflop_per_frame(model)
+    reasons = available_engines()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
+    exported = export_onnx(model, tmp / "ptychonn2_dynamic.onnx")
+
+    print(f"# bench_infer  {_dt.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, "
+          f"python {platform.python_version()}, torch {torch.__version__}")
+    import onnxruntime
+
+    print(f"# onnxruntime {onnxruntime.__version__}; model PtychoNN 2.0 ({weights}); {gflop:.3f} GFLOP/frame")
+    print(f"# load average before: {os.getloadavg()}")
+    print(f"# seconds/measurement {args.seconds}, best of {args.repeats}")
+    print()
+    print("| engine | threads | batch | frames/s | ms/frame | median ms/batch | GFLOP/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+
+    def row(name: str, threads: object, batch: int, fps: float, median: float) -> None:
+        print(f"| {name} | {threads} | {batch} | {fps:,.0f} | {1e3 / fps:.2f} | {median:.1f} | {fps * gflop:.0f} |",
+              flush=True)
+
+    default_threads = torch.get_num_threads()
+    for name in args.engines:
+        if name.startswith("onnxruntime"):
+            path = exported if name.endswith("exported") else PAPER_ONNX
+            if not path.is_file():
+                print(f"| {name} | - | - | skipped: {path} absent | | | |")
+                continue
+            for threads in args.threads:
+                engine = OnnxRuntimeEngine(path, intra_op_threads=threads)
+                for batch in args.batches:
+                    row(name, threads, batch, *measure(engine.infer, batch, args.seconds, args.repeats))
+        elif name == "torch-cpu":
+            engine_t = TorchEngine(model)
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                for batch in args.batches:
+                    row(name, threads, batch, *measure(engine_t.infer, batch, args.seconds, args.repeats))
+            torch.set_num_threads(default_threads)
+        elif name == "torch-cuda":
+            if reasons["torch-cuda"]:
+                print(f"| {name} | - | - | skipped: {reasons['torch-cuda']} | | | |")
+                continue
+            for half in (False, True):
+                engine_c = TorchEngine(model, device="cuda", half=half, channels_last=half)
+                for batch in args.batches:
+                    row(engine_c.name, "gpu", batch, *measure(engine_c.infer, batch, args.seconds, args.repeats))
+        elif name.startswith("tensorrt"):
+            if reasons["tensorrt"]:
+                print(f"| {name} | - | - | skipped: {reasons['tensorrt']} | | | |")
+                continue
+            from edge_ptycho_bluesky.model import TensorRTEngine
+
+            engine_r = TensorRTEngine(exported, fp16=True, cache_dir=tmp, max_batch=max(args.batches))
+            for batch in args.batches:
+                row(engine_r.name, "gpu", batch, *measure(engine_r.infer, batch, args.seconds, args.repeats))
+        else:
+            print(f"| {name} | - | - | unknown engine | | | |")
+    print()
+    print(f"# load average after: {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
