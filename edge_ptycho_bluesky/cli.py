@@ -12,6 +12,9 @@ import sys
 SUBCOMMAND_MODULES = (
     "edge_ptycho_bluesky.demo",
     "edge_ptycho_bluesky.training.registry",
+    "edge_ptycho_bluesky.training.trainer",
+    "edge_ptycho_bluesky.model.cli",
+    "edge_ptycho_bluesky.edge.worker",
 )
 
 

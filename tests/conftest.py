@@ -83,3 +83,20 @@ def beamline(storage_config):
     from edge_ptycho_bluesky.devices import make_simulated_beamline
 
     return make_simulated_beamline(storage_config.frames_dir, sample="train", extent_um=1.0, seed=1)
+
+
+def tiny_onnx(path: Path, scale: float) -> Path:
+    """A real dynamic-batch ONNX model ``(N, 1, 128, 128) -> scale * input`` (for transport tests)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    x = helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["N", 1, 128, 128])
+    y = helper.make_tensor_value_info("phase", TensorProto.FLOAT, ["N", 1, 128, 128])
+    k = numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale")
+    graph = helper.make_graph([helper.make_node("Mul", ["frames", "scale"], ["phase"])], "tiny", [x], [y],
+                              initializer=[k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

@@ -1,0 +1,410 @@
+"""Callbacks that connect a scan to the edge worker and stitch its phase patches live.
+
+* :class:`FrameForwarder` sends each frame of a step scan (read from the detector's HDF5 file as
+  it is written, SWMR) with its position and the run uid to the worker's input channel.
+* :class:`LiveStitchCallback` receives the worker's patches for the current run, stitches them
+  incrementally, and at stop stores the stitched image and the per-frame patches as a derived
+  run linked to the raw run (``original_run_uid``).
+* :class:`LivePhasePlot` draws the stitched phase growing during the scan.
+
+None of them can take a scan down: their failures are logged and counted in ``errors``. Heavy work
+(HDF5 reads, publishing) runs off the RunEngine thread behind a bounded queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlparse
+
+import h5py
+import numpy as np
+from bluesky.callbacks.core import CallbackBase
+from event_model import unpack_event_page
+from numpy.typing import NDArray
+
+from edge_ptycho_bluesky.stitching import IncrementalStitcher, PhysicalGrid, grid_from_positions
+
+logger = logging.getLogger(__name__)
+
+
+class FramePublisherLike(Protocol):
+    def publish(self, frame: NDArray[Any], unique_id: int, *, pos: tuple[float, float] | None = None,
+                scan_uid: str | None = None, attributes: dict[str, Any] | None = None) -> None: ...
+
+
+class IsolatedCallback(CallbackBase):
+    """A callback whose exceptions are logged and counted (``errors``), never raised to the RunEngine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors = 0
+
+    def __call__(self, name: str, doc: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(name, doc, *args, **kwargs)
+        except Exception:
+            self.errors += 1
+            logger.exception("%s failed on a %s document (the scan goes on)", type(self).__name__, name)
+            return None
+
+
+def _motor_fields(start: dict[str, Any]) -> tuple[str, str]:
+    motors = start.get("motors") or []
+    if len(motors) < 2:
+        raise ValueError("the start document names no x/y motors ('motors'); cannot position frames")
+    return motors[0], motors[1]
+
+
+class FrameForwarder(IsolatedCallback):
+    """Send every frame of a step scan to the edge worker.
+
+    Frames are paired with positions in order: the k-th frame announced by StreamDatum documents
+    with the k-th event, so the same callback serves live runs and runs replayed from Tiled (where
+    stream datums come consolidated).
+
+    Parameters
+    ----------
+    publisher
+        Has ``publish(frame, unique_id, pos=(x, y), scan_uid=..., attributes=...)`` (a
+        :class:`~edge_ptycho_bluesky.edge.FramePublisher` or an in-process source).
+    image_key
+        Data key of the frames (default: ``start["edge_ptycho"]["image_key"]``).
+    queue_size
+        Frames waiting to be sent; beyond it a frame is dropped and counted (``dropped``).
+    read_timeout
+        Seconds to wait for a frame to become visible in the HDF5 file.
+    """
+
+    def __init__(self, publisher: FramePublisherLike, *, image_key: str | None = None, queue_size: int = 4096,
+                 read_timeout: float = 5.0) -> None:
+        super().__init__()
+        self.publisher = publisher
+        self._image_key_default = image_key
+        self.read_timeout = read_timeout
+        self._queue: queue.Queue[tuple[str, Path, str, int, int, tuple[float, float]] | None] = queue.Queue(queue_size)
+        self._next_unique_id = 1
+        self.sent = 0
+        self.dropped = 0
+        self.failed = 0
+        self._files: dict[Path, h5py.File] = {}
+        self._thread = threading.Thread(target=self._run, name="frame-forwarder", daemon=True)
+        self._thread.start()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._uid: str | None = None
+        self._image_key: str | None = self._image_key_default
+        self._descriptors: set[str] = set()
+        self._resources: dict[str, tuple[Path, str]] = {}
+        self._frames: deque[tuple[Path, str, int]] = deque()
+        self._positions: deque[tuple[int, tuple[float, float]]] = deque()
+        self._fields: tuple[str, str] = ("", "")
+
+    def start(self, doc: dict[str, Any]) -> None:
+        self._reset()
+        self._uid = doc["uid"]
+        self._image_key = self._image_key_default or doc.get("edge_ptycho", {}).get("image_key")
+        self._fields = _motor_fields(doc)
+
+    def descriptor(self, doc: dict[str, Any]) -> None:
+        if self._image_key in doc["data_keys"]:
+            self._descriptors.add(doc["uid"])
+
+    def stream_resource(self, doc: dict[str, Any]) -> None:
+        if doc["data_key"] == self._image_key:
+            self._resources[doc["uid"]] = (Path(urlparse(doc["uri"]).path), doc["parameters"]["dataset"])
+
+    def stream_datum(self, doc: dict[str, Any]) -> None:
+        if doc["stream_resource"] in self._resources:
+            path, dataset = self._resources[doc["stream_resource"]]
+            for index in range(doc["indices"]["start"], doc["indices"]["stop"]):
+                self._frames.append((path, dataset, index))
+            self._pair()
+
+    def event(self, doc: dict[str, Any]) -> None:
+        if doc["descriptor"] in self._descriptors:
+            x_key, y_key = self._fields
+            self._positions.append((doc["seq_num"], (float(doc["data"][x_key]), float(doc["data"][y_key]))))
+            self._pair()
+
+    def event_page(self, doc: dict[str, Any]) -> None:
+        for event in unpack_event_page(doc):
+            self.event(event)
+
+    def _pair(self) -> None:
+        while self._frames and self._positions:
+            path, dataset, index = self._frames.popleft()
+            seq_num, pos = self._positions.popleft()
+            job = (self._uid or "", path, dataset, index, seq_num, pos)
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                self.dropped += 1
+                logger.warning("frame %d of run %s dropped: forwarding queue full", index, self._uid)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued frame was sent (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._queue.unfinished_tasks and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not self._queue.unfinished_tasks
+
+    def close(self) -> None:
+        """Stop the sending thread and close the HDF5 files."""
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def _read_frame(self, path: Path, dataset: str, index: int) -> NDArray[Any]:
+        deadline = time.monotonic() + self.read_timeout
+        while True:
+            handle = self._files.get(path)
+            if handle is None:
+                handle = self._files[path] = h5py.File(path, "r", libver="latest", swmr=True)
+            data = handle[dataset]
+            data.refresh()
+            if index < data.shape[0]:
+                return data[index]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"frame {index} never appeared in {path}:{dataset} ({data.shape[0]} frames)")
+            time.sleep(0.002)
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                scan_uid, path, dataset, index, seq_num, pos = job
+                frame = self._read_frame(path, dataset, index)
+                self.publisher.publish(frame, self._next_unique_id, pos=pos, scan_uid=scan_uid,
+                                       attributes={"frame_index": int(index), "seq_num": int(seq_num)})
+                self._next_unique_id += 1
+                self.sent += 1
+            except Exception:
+                self.failed += 1
+                logger.exception("could not forward a frame to the edge worker")
+            finally:
+                self._queue.task_done()
+
+
+@dataclass
+class StitchResult:
+    """What :class:`LiveStitchCallback` made of one run."""
+
+    run_uid: str
+    image: NDArray[np.float32]
+    coverage: NDArray[np.float32]
+    patches: NDArray[np.float32]
+    frame_indices: NDArray[np.int64]
+    positions_um: NDArray[np.float64]
+    model_versions: list[str]
+    expected: int
+    missing: list[int] = field(default_factory=list)
+    derived_run_uid: str | None = None
+
+
+class _RunStitch:
+    """Per-run state of the live stitcher (thread-safe through the owner's lock)."""
+
+    def __init__(self, start: dict[str, Any], margin: int, weight: NDArray[np.floating] | None) -> None:
+        meta = start.get("edge_ptycho", {})
+        try:
+            pixel_um = float(meta["geometry"]["pixel_size_nm"]) * 1e-3
+            (x0, x1), (y0, y1) = start["extents"]
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError("the start document lacks edge_ptycho.geometry.pixel_size_nm or extents; "
+                             "cannot place patches") from err
+        corners = np.array([[x0, y0], [x1, y1]], dtype=np.float64)
+        self.grid = PhysicalGrid.from_positions(corners, pixel_um, order="xy", margin=margin)
+        shape, origin = grid_from_positions(self.grid.to_pixels(corners, order="xy"), (128, 128), margin)
+        self.stitcher = IncrementalStitcher(shape, origin, weight=weight)
+        self.uid = start["uid"]
+        self.patches: dict[int, tuple[NDArray[np.float32], tuple[float, float], str]] = {}
+
+
+class LiveStitchCallback(IsolatedCallback):
+    """Stitch the edge worker's patches of the current run; store the result at stop.
+
+    Give :meth:`on_patch` to a :class:`~edge_ptycho_bluesky.edge.PatchSubscriber`; subscribe the
+    object itself to the RunEngine (or to a replay).
+
+    Parameters
+    ----------
+    store
+        Document callback that stores the derived run (e.g. a TiledWriter); None: keep in memory only.
+    write_dir
+        Where the derived run's HDF5 file goes (required with ``store``).
+    weight : (128, 128) float or None
+        Stitching weight, e.g. the probe amplitude.
+    wait_timeout
+        At stop, seconds to wait for patches still in flight.
+    margin
+        Grid pixels around the scanned area.
+    """
+
+    def __init__(self, *, store: Callable[[str, dict[str, Any]], Any] | None = None, write_dir: str | Path | None = None,
+                 weight: NDArray[np.floating] | None = None, wait_timeout: float = 10.0, margin: int = 8) -> None:
+        super().__init__()
+        if store is not None and write_dir is None:
+            raise ValueError("LiveStitchCallback(store=...) needs write_dir for the derived run's HDF5 file")
+        self.store = store
+        self.write_dir = None if write_dir is None else Path(write_dir)
+        self.weight = weight
+        self.wait_timeout = wait_timeout
+        self.margin = margin
+        self.results: dict[str, StitchResult] = {}
+        self.ignored = 0
+        self._lock = threading.Condition()
+        self._run: _RunStitch | None = None
+        self._early: dict[str, list[Any]] = {}
+        self._expected = 0
+
+    # -- patches (pvAccess thread) -------------------------------------------------------------
+    def on_patch(self, patch: Any) -> None:
+        """Receive one :class:`~edge_ptycho_bluesky.edge.Patch` (any thread)."""
+        with self._lock:
+            run = self._run
+            if run is None or patch.scan_uid != run.uid:
+                early = self._early.setdefault(patch.scan_uid, [])
+                if len(early) < 100_000 and patch.scan_uid not in self.results:
+                    early.append(patch)
+                else:
+                    self.ignored += 1
+                return
+            self._add(run, patch)
+            self._lock.notify_all()
+
+    def _add(self, run: _RunStitch, patch: Any) -> None:
+        index = int(patch.attributes.get("frame_index", patch.unique_id))
+        if patch.pos is None or index in run.patches:
+            self.ignored += 1
+            return
+        pixels = run.grid.to_pixels(np.array([patch.pos], dtype=np.float64), order="xy")
+        run.stitcher.add(patch.phase[None], pixels)
+        run.patches[index] = (patch.phase, (float(patch.pos[0]), float(patch.pos[1])), patch.model_version)
+
+    # -- documents (RunEngine thread) ----------------------------------------------------------
+    def start(self, doc: dict[str, Any]) -> None:
+        run = _RunStitch(doc, self.margin, self.weight)
+        with self._lock:
+            self._run = run
+            for patch in self._early.pop(run.uid, []):
+                self._add(run, patch)
+            self._early.clear()
+
+    def stop(self, doc: dict[str, Any]) -> None:
+        run = self._run
+        if run is None or doc["run_start"] != run.uid:
+            return
+        expected = int(sum((doc.get("num_events") or {}).values()) or 0)
+        primary = (doc.get("num_events") or {}).get("primary")
+        expected = int(primary) if primary is not None else expected
+        deadline = time.monotonic() + self.wait_timeout
+        with self._lock:
+            while len(run.patches) < expected and time.monotonic() < deadline:
+                self._lock.wait(deadline - time.monotonic())
+            self._run = None
+        self.results[run.uid] = result = self._result(run, expected)
+        if result.missing:
+            logger.warning("run %s: %d of %d patches never arrived (frames %s...)", run.uid, len(result.missing),
+                           expected, result.missing[:10])
+        if self.store is not None and result.patches.size:
+            result.derived_run_uid = self._store(result)
+
+    @property
+    def current(self) -> tuple[NDArray[np.float32], NDArray[np.float32], int] | None:
+        """(image, coverage, patch count) of the run being stitched, or None between runs."""
+        run = self._run
+        if run is None:
+            return None
+        image, coverage = run.stitcher.snapshot()
+        return image, coverage, run.stitcher.n_patches
+
+    def _result(self, run: _RunStitch, expected: int) -> StitchResult:
+        image, coverage = run.stitcher.snapshot()
+        indices = np.array(sorted(run.patches), dtype=np.int64)
+        patches = np.stack([run.patches[i][0] for i in indices]) if len(indices) else np.zeros((0, 128, 128), "f4")
+        positions = np.array([run.patches[i][1] for i in indices], dtype=np.float64).reshape(-1, 2)
+        versions = sorted({run.patches[i][2] for i in indices})
+        missing = sorted(set(range(expected)) - set(indices.tolist()))
+        return StitchResult(run.uid, image, coverage, patches.astype(np.float32), indices, positions, versions,
+                            expected, missing)
+
+    def _store(self, result: StitchResult) -> str:
+        from edge_ptycho_bluesky.derived import emit_derived_run
+
+        return emit_derived_run(
+            self.store, original_run_uid=result.run_uid, purpose="edge_inference", write_dir=self.write_dir,
+            streams={
+                "primary": {"phase_patch": result.patches, "frame_index": result.frame_indices,
+                            "pos_x": result.positions_um[:, 0], "pos_y": result.positions_um[:, 1]},
+                "stitched": {"stitched_phase": result.image[None], "coverage": result.coverage[None]},
+            },
+            md={"model_versions": result.model_versions, "frames_expected": result.expected,
+                "frames_missing": result.missing})
+
+
+class LivePhasePlot(IsolatedCallback):
+    """The stitched phase of the current run, redrawn at most every ``interval`` seconds.
+
+    The figure is made lazily at the first start document and redrawn with ``draw_idle`` from the
+    RunEngine thread (on events and at stop), so it never blocks acquisition.
+    """
+
+    def __init__(self, stitch: LiveStitchCallback, *, interval: float = 0.5, cmap: str = "twilight_shifted") -> None:
+        super().__init__()
+        self.stitch = stitch
+        self.interval = interval
+        self.cmap = cmap
+        self.figure: Any = None
+        self._image: Any = None
+        self._last = 0.0
+        self.redraws = 0
+
+    def start(self, doc: dict[str, Any]) -> None:
+        import matplotlib.pyplot as plt
+
+        if self.figure is None or not plt.fignum_exists(self.figure.number):
+            self.figure, ax = plt.subplots(figsize=(5, 5))
+            self._image = ax.imshow(np.zeros((2, 2)), cmap=self.cmap)
+            self.figure.colorbar(self._image, ax=ax, label="phase (rad)")
+        self._image.axes.set_title(f"scan {doc.get('scan_id', '')}: waiting for patches")
+        self._last = 0.0
+
+    def event(self, doc: dict[str, Any]) -> None:
+        if time.monotonic() - self._last >= self.interval:
+            self.redraw()
+
+    def stop(self, doc: dict[str, Any]) -> None:
+        result = self.stitch.results.get(doc["run_start"])
+        if result is not None:
+            self._show(result.image, len(result.frame_indices), final=True)
+
+    def redraw(self) -> None:
+        current = self.stitch.current
+        if current is not None and current[2]:
+            self._show(current[0], current[2])
+
+    def _show(self, image: NDArray[np.float32], count: int, final: bool = False) -> None:
+        if self._image is None:
+            return
+        self._image.set_data(image)
+        finite = image[np.isfinite(image)]
+        if finite.size:
+            self._image.set_clim(float(finite.min()), float(finite.max()))
+        self._image.set_extent((0, image.shape[1], image.shape[0], 0))
+        self._image.axes.set_title(f"stitched phase, {count} patches" + (" (final)" if final else ""))
+        self.figure.canvas.draw_idle()
+        self._last = time.monotonic()
+        self.redraws += 1

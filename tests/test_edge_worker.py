@@ -1,0 +1,543 @@
+"""The edge worker: batching, accounting of every frame, bad input, hot swap, pvAccess, pvapy hpc.
+
+Models are tiny real ONNX graphs (``phase = scale * frame``) run in real ONNX Runtime, so each
+patch shows which model produced it: ``phase / frame`` is the model's scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pva = pytest.importorskip("pvaccess")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from edge_ptycho_bluesky.edge.ntnda import Frame, Patch, encode_frame  # noqa: E402
+from edge_ptycho_bluesky.edge.transport import (  # noqa: E402
+    FramePublisher,
+    InProcessFrameSource,
+    InProcessPatchSink,
+    PatchSubscriber,
+    PvaFrameSource,
+    PvaPatchSink,
+    loopback_env,
+    read_status,
+)
+from edge_ptycho_bluesky.edge.worker import (  # noqa: E402
+    EdgeWorker,
+    Engine,
+    FileModelSource,
+    ModelRefused,
+    RegistryModelSource,
+    WorkerConfig,
+    engine_factory,
+)
+from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ORT = engine_factory("onnxruntime", threads=1)
+
+
+def make_onnx(path: Path, scale: float) -> Path:
+    """A dynamic-batch ONNX model ``(N, 1, 128, 128) -> scale * input``."""
+    x = helper.make_tensor_value_info("frames", TensorProto.FLOAT, ["N", 1, 128, 128])
+    y = helper.make_tensor_value_info("phase", TensorProto.FLOAT, ["N", 1, 128, 128])
+    k = numpy_helper.from_array(np.array(scale, dtype=np.float32), "scale")
+    graph = helper.make_graph([helper.make_node("Mul", ["frames", "scale"], ["phase"])],
+                              "tiny", [x], [y], initializer=[k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.fixture
+def model2(tmp_path: Path) -> Path:
+    return make_onnx(tmp_path / "times2.onnx", 2.0)
+
+
+def frames_u16(n: int, seed: int = 0, shape: tuple[int, int] = (128, 128)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 200, (n, *shape)).astype(np.uint16)
+
+
+def _name(kind: str) -> str:
+    return f"test:{uuid.uuid4().hex[:10]}:{kind}"
+
+
+def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+def accounted(stats: Any) -> int:
+    """Frames the worker accounts for, not counting ids it never received."""
+    return stats.inferred + stats.dropped_total - stats.gaps
+
+
+def subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    loopback_env(env)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+class SlowEngine:
+    """Wraps a real engine and sleeps per batch: inference slower than the frame rate."""
+
+    def __init__(self, inner: Engine, seconds: float) -> None:
+        self.inner, self.seconds, self.name = inner, seconds, f"slow-{inner.name}"
+
+    def infer(self, frames: np.ndarray) -> np.ndarray:
+        time.sleep(self.seconds)
+        return self.inner.infer(frames)
+
+
+# -- in-process: batching and accounting ------------------------------------------------------
+
+
+def test_every_frame_inferred_with_its_metadata(model2: Path) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, ORT), src, sink,
+                        WorkerConfig(batch_size=8, max_wait_ms=2.0))
+    worker.start()
+    frames = frames_u16(30)
+    big = frames_u16(5, seed=1, shape=(512, 512))  # binned 4 x 4 (sum) by the preprocessing
+    for i, f in enumerate(frames, start=1):
+        src.publish(f, i, pos=(float(i), 0.5 * i), scan_uid="scan-1",
+                    attributes={"frame_index": i - 1})
+    for j, f in enumerate(big, start=31):
+        src.publish(f, j, pos=(0.0, 0.0), scan_uid="scan-1")
+    assert sink.wait_for(35, 20.0)
+    stats = worker.stop()
+    patches = {p.unique_id: p for p in sink.patches}
+    assert sorted(patches) == list(range(1, 36))
+    for i, f in enumerate(frames, start=1):
+        p = patches[i]
+        np.testing.assert_allclose(p.phase, 2.0 * f.astype(np.float32))
+        assert p.phase.dtype == np.float32 and p.phase.shape == (128, 128)
+        assert p.pos == (float(i), 0.5 * i) and p.scan_uid == "scan-1"
+        assert p.attributes == {"frame_index": i - 1}
+        assert p.model_version.startswith("times2@") and p.t_in > 0
+    binned = big.reshape(5, 128, 4, 128, 4).sum(axis=(2, 4)).astype(np.float32)
+    np.testing.assert_allclose(patches[33].phase, 2.0 * binned[2])
+    assert stats.received == 35 and stats.inferred == 35 and stats.dropped == {}
+    assert stats.pending == 0 and stats.engine == "onnxruntime"
+    assert 35 / 8 <= stats.batches <= 35
+    assert stats.e2e_p50_ms > 0 and stats.infer_p99_ms >= stats.infer_p50_ms > 0
+    assert sink.statuses[-1]["inferred"] == 35  # the final status is published
+
+
+def test_slow_trickle_is_not_held_back_by_batching(model2: Path) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, ORT), src, sink,
+                        WorkerConfig(batch_size=64, max_wait_ms=5.0))
+    with worker:
+        for i, f in enumerate(frames_u16(3), start=1):
+            src.publish(f, i, pos=(0.0, 0.0))
+        # far fewer frames than a batch: they come out after max_wait, without stop()
+        assert sink.wait_for(3, 10.0)
+        assert worker.stats().inferred == 3
+
+
+def test_overload_drops_are_counted_and_the_queue_stays_bounded(model2: Path) -> None:
+    slow = lambda p: SlowEngine(ORT(p), 0.02)  # noqa: E731  ~2 frames per 20 ms at batch 2
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, slow), src, sink,
+                        WorkerConfig(batch_size=2, max_wait_ms=1.0, queue_size=4))
+    worker.start()
+    frames = frames_u16(120)
+    for i, f in enumerate(frames, start=1):  # all at once: far faster than the engine
+        src.publish(f, i, pos=(0.0, 0.0), scan_uid="s")
+    assert src.wait_delivered(10.0)
+    stats = worker.stop(drain=True)
+    assert stats.received == 120
+    assert stats.dropped.get("queue_full", 0) > 0
+    assert set(stats.dropped) == {"queue_full"}
+    assert stats.inferred + stats.dropped["queue_full"] == 120  # honest: nothing lost silently
+    assert stats.queue_high_water <= 4 and stats.queue_capacity == 4
+    assert stats.engine == "slow-onnxruntime"
+    ids = [p.unique_id for p in sink.patches]
+    assert len(ids) == len(set(ids)) == stats.inferred
+    for p in sink.patches[:5]:
+        np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
+
+
+def test_bad_input_is_counted_by_reason_and_the_worker_keeps_running(model2: Path) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, ORT), src, sink, WorkerConfig(max_wait_ms=1.0))
+    good = frames_u16(2)
+    nan = np.ones((128, 128), np.float32)
+    nan[5, 5] = np.nan
+    with worker:
+        src.publish_reject("empty", "initial update of a fresh record", 0)
+        src.publish(good[0], 1, pos=(0.0, 0.0))
+        src.publish(np.ones((100, 100), np.uint16), 2, pos=(0.0, 0.0))     # wrong shape
+        src.publish(np.ones((128, 128), np.float64), 3, pos=(0.0, 0.0))   # wrong dtype
+        src.publish(np.ones((128, 128), np.int16), 4, pos=(0.0, 0.0))     # wrong dtype
+        src.publish(nan, 5, pos=(0.0, 0.0))                                # NaN
+        src.publish(good[1], 6)                                            # no position
+        src.publish_frame(Frame(7, np.ones((2, 64, 64), np.uint16), (0.0, 0.0), None, 0.0))
+        src.publish(good[1], 8, pos=(1.0, 1.0))                            # good again
+        assert sink.wait_for(2, 10.0)
+        assert src.wait_delivered(5.0)
+        stats = worker.stats()
+    assert [p.unique_id for p in sink.patches] == [1, 8]
+    assert stats.dropped == {"empty": 1, "bad_shape": 2, "bad_dtype": 2, "nan": 1,
+                             "no_position": 1}
+    assert stats.received == 9 and accounted(stats) == 9
+
+
+def test_positions_are_optional_when_configured(model2: Path) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    config = WorkerConfig(require_position=False, max_wait_ms=1.0)
+    with EdgeWorker(FileModelSource(model2, ORT), src, sink, config):
+        src.publish(frames_u16(1)[0], 1)
+        assert sink.wait_for(1, 10.0)
+    assert sink.patches[0].pos is None
+
+
+def test_gaps_in_unique_id_are_counted_and_a_restart_is_not_a_gap(model2: Path) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    f = frames_u16(1)[0]
+    with EdgeWorker(FileModelSource(model2, ORT), src, sink,
+                    WorkerConfig(max_wait_ms=1.0)) as worker:
+        for uid in (1, 2, 3, 7, 8, 1, 2):  # 4, 5, 6 lost upstream; then a new acquisition
+            src.publish(f, uid, pos=(0.0, 0.0))
+        assert sink.wait_for(7, 10.0)
+        stats = worker.stats()
+    assert stats.dropped == {"gap": 3} and stats.gaps == 3
+    assert stats.id_resets == 1 and stats.inferred == 7
+
+
+def test_a_model_that_fails_to_load_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"not an onnx file")
+    with pytest.raises(ModelRefused, match="failed to load"):
+        FileModelSource(bad, ORT).load_initial()
+    # a worker without a usable model keeps running and counts frames as no_model
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    with EdgeWorker(FileModelSource(bad, ORT), src, sink, WorkerConfig(max_wait_ms=1.0)) as w:
+        src.publish(frames_u16(1)[0], 1, pos=(0.0, 0.0))
+        assert src.wait_delivered(5.0)
+        assert _wait(lambda: w.stats().dropped.get("no_model", 0) == 1)
+        assert w.stats().models_refused == 1 and w.stats().model_version is None
+
+
+# -- hot swap ---------------------------------------------------------------------------------
+
+
+def test_hot_swap_during_streaming_infers_every_frame_exactly_once(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    v1 = reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(RegistryModelSource(reg, ORT), src, sink,
+                        WorkerConfig(batch_size=8, max_wait_ms=2.0, queue_size=4000,
+                                     poll_period_s=0.05))
+    pool = frames_u16(64, seed=3)
+    rate_hz, deploy_at, after_swap = 400.0, 80, 80
+    v2_version = ""
+    n = 0
+    worker.start()
+    try:
+        # stream at a steady rate; deploy v2 at frame 80 and keep streaming until the worker
+        # has swapped and 80 more frames went out (however long loading v2 takes here)
+        t0, swapped_at = time.perf_counter(), None
+        while n < 3000:
+            n += 1
+            if n == deploy_at:
+                v2_version = reg.publish({"model.onnx": make_onnx(tmp_path / "b.onnx", 3.0)}).version
+            src.publish(pool[n % 64], n, pos=(float(n), 0.0), scan_uid="swap-scan")
+            if swapped_at is None and n > deploy_at and worker.stats().swaps:
+                swapped_at = n
+            if swapped_at is not None and n >= swapped_at + after_swap:
+                break
+            delay = t0 + n / rate_hz - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        assert swapped_at is not None, "the worker never swapped to the new version"
+        assert sink.wait_for(n, 20.0)
+    finally:
+        stats = worker.stop()
+    scale = {v1.version: 2.0, v2_version: 3.0}
+    ids = [p.unique_id for p in sink.patches]
+    assert sorted(ids) == list(range(1, n + 1))      # every frame, exactly once
+    versions = [p.model_version for p in sorted(sink.patches, key=lambda p: p.unique_id)]
+    switch = versions.index(v2_version)
+    assert deploy_at - 1 <= switch <= swapped_at      # v2 only after it was deployed
+    assert versions[:switch] == [v1.version] * switch
+    assert versions[switch:] == [v2_version] * (n - switch)  # and no way back
+    for p in sink.patches:                            # each patch made by the model it names
+        np.testing.assert_allclose(p.phase, scale[p.model_version] * pool[p.unique_id % 64])
+    assert stats.swaps == 1 and stats.dropped == {} and stats.models_refused == 0
+    assert stats.model_version == v2_version
+
+
+def test_a_damaged_deployment_is_refused_and_the_running_model_stays(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    v1 = reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(RegistryModelSource(reg, ORT), src, sink,
+                        WorkerConfig(max_wait_ms=1.0, poll_period_s=0.05))
+    f = frames_u16(1)[0]
+    with worker:
+        src.publish(f, 1, pos=(0.0, 0.0))
+        assert sink.wait_for(1, 10.0)
+        # a version whose model file was damaged after publication gets deployed by hand
+        v2 = reg.publish({"model.onnx": make_onnx(tmp_path / "b.onnx", 3.0)}, deploy=False)
+        v2.onnx_path.write_bytes(v2.onnx_path.read_bytes()[:-20])
+        tmp = reg.current_file.with_suffix(".tmp-test")
+        tmp.write_text(json.dumps({"version": v2.version}))
+        os.replace(tmp, reg.current_file)
+        assert _wait(lambda: worker.stats().models_refused == 1)
+        src.publish(f, 2, pos=(0.0, 0.0))
+        assert sink.wait_for(2, 10.0)
+        # a good deployment afterwards is taken
+        v3 = reg.publish({"model.onnx": make_onnx(tmp_path / "c.onnx", 5.0)})
+        assert _wait(lambda: worker.stats().model_version == v3.version)
+        src.publish(f, 3, pos=(0.0, 0.0))
+        assert sink.wait_for(3, 10.0)
+    assert [p.model_version for p in sink.patches] == [v1.version, v1.version, v3.version]
+    np.testing.assert_allclose(sink.patches[2].phase, 5.0 * f)
+
+
+def test_empty_registry_drops_as_no_model_until_a_deployment(tmp_path: Path) -> None:
+    reg = ModelRegistry(tmp_path / "models")
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(RegistryModelSource(reg, ORT), src, sink,
+                        WorkerConfig(max_wait_ms=1.0, poll_period_s=0.05))
+    f = frames_u16(1)[0]
+    with worker:
+        src.publish(f, 1, pos=(0.0, 0.0))
+        assert _wait(lambda: worker.stats().dropped.get("no_model", 0) == 1)
+        v1 = reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
+        assert _wait(lambda: worker.stats().model_version == v1.version)
+        src.publish(f, 2, pos=(0.0, 0.0))
+        assert sink.wait_for(1, 10.0)
+    assert [p.unique_id for p in sink.patches] == [2]
+
+
+# -- pvAccess on loopback ---------------------------------------------------------------------
+
+
+def test_pvaccess_end_to_end_every_frame_accounted(model2: Path) -> None:
+    inp, out, status = _name("frames"), _name("phase"), _name("status")
+    pub = FramePublisher(inp)
+    worker = EdgeWorker(FileModelSource(model2, ORT), PvaFrameSource(inp),
+                        PvaPatchSink(out, status),
+                        WorkerConfig(max_wait_ms=2.0, status_period_s=0.1))
+    received: list[Patch] = []
+    sub = PatchSubscriber(out, received.append)
+    n = 200
+    frames = frames_u16(n, seed=4)
+    try:
+        worker.start()
+        sub.start()
+        assert sub.wait_ready(10.0)
+        assert _wait(lambda: worker.stats().received >= 1)  # the record's empty initial value
+        for i, f in enumerate(frames, start=1):
+            pub.publish(f, i, pos=(float(i), 1.0), scan_uid="pva-scan")
+        assert _wait(lambda: accounted(worker.stats()) >= n + 1, 20.0)
+        assert _wait(lambda: len(received) >= worker.stats().inferred, 10.0)
+        assert _wait(lambda: read_status(status).get("inferred", -1) == worker.stats().inferred)
+        st = read_status(status)
+    finally:
+        stats = worker.stop()
+        sub.stop()
+        pub.close()
+    assert stats.received == n + 1 and stats.dropped.get("empty") == 1
+    assert stats.inferred + stats.dropped_total - stats.gaps - 1 == n  # all N accounted for
+    assert stats.inferred == len(received) == n  # on an idle loopback nothing is lost
+    for p in received[::41]:
+        np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
+        assert p.pos == (float(p.unique_id), 1.0) and p.scan_uid == "pva-scan"
+    assert st["model_version"] == stats.model_version and st["input_connected"] is True
+
+
+def _bad_frames(pub: FramePublisher, start: int) -> dict[str, int]:
+    """Publish one malformed frame per reason over pvAccess; returns the expected counts."""
+    nan = np.ones((128, 128), np.float32)
+    nan[0, 0] = np.nan
+    pub.publish(nan, start, pos=(0.0, 0.0))
+    pub.publish(np.ones((64, 64), np.uint16), start + 1, pos=(0.0, 0.0))
+    pub.publish(np.ones((128, 128), np.int8), start + 2, pos=(0.0, 0.0))
+    pub.publish(np.ones((128, 128), np.uint16), start + 3)  # no position
+    return {"nan": 1, "bad_shape": 1, "bad_dtype": 1, "no_position": 1}
+
+
+def test_worker_subprocess_over_pvaccess(tmp_path: Path) -> None:
+    """The real process (`python -m edge_ptycho_bluesky.edge.worker --registry`): pvAccess in
+    and out, bad input, a hot swap between two streamed runs of frames, SIGINT."""
+    reg = ModelRegistry(tmp_path / "models")
+    v1 = reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
+    inp, out, status = _name("frames"), _name("phase"), _name("status")
+    stats_file = tmp_path / "stats.json"
+    pub = FramePublisher(inp)
+    received: list[Patch] = []
+    sub = PatchSubscriber(out, received.append)
+    cmd = [sys.executable, "-m", "edge_ptycho_bluesky.edge.worker", "--registry", str(reg.root),
+           "--engine", "onnxruntime", "--threads", "1", "--input", inp, "--output", out,
+           "--status", status, "--status-period", "0.1", "--poll-period", "0.1",
+           "--max-wait-ms", "2", "--stats-json", str(stats_file), "--log-level", "WARNING"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def status_now() -> dict[str, Any]:
+        try:
+            return read_status(status, timeout=1.0)
+        except Exception:
+            return {}
+
+    frames = frames_u16(100, seed=5)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "started"  # type: ignore[union-attr]
+        sub.start()
+        assert sub.wait_ready(20.0)
+        assert _wait(lambda: status_now().get("received", 0) >= 1, 20.0)
+        for i in range(1, 61):
+            pub.publish(frames[i - 1], i, pos=(float(i), 0.0), scan_uid="sub-scan")
+        assert _wait(lambda: len(received) >= 60, 20.0)
+        v2 = reg.publish({"model.onnx": make_onnx(tmp_path / "b.onnx", 3.0)})
+        assert _wait(lambda: status_now().get("model_version") == v2.version, 20.0)
+        for i in range(61, 101):
+            pub.publish(frames[i - 1], i, pos=(float(i), 0.0), scan_uid="sub-scan")
+        expected_bad = _bad_frames(pub, 101)
+        assert _wait(lambda: len(received) >= 100, 20.0)
+        assert _wait(lambda: status_now().get("received", 0) >= 105, 20.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+        sub.stop()
+        pub.close()
+    assert proc.returncode == 0, stderr[-2000:]
+    final = json.loads(stdout.strip().splitlines()[-1])
+    assert final["event"] == "stopped"
+    assert json.loads(stats_file.read_text())["inferred"] == final["inferred"]
+    assert final["received"] == 1 + 100 + 4
+    assert final["inferred"] == 100 == len(received)
+    assert final["dropped"] == {"empty": 1, **expected_bad}
+    assert final["swaps"] == 1 and final["model_version"] == v2.version
+    by_id = {p.unique_id: p for p in received}
+    assert sorted(by_id) == list(range(1, 101))   # each frame exactly once
+    for i, p in by_id.items():
+        version, scale = (v1.version, 2.0) if i <= 60 else (v2.version, 3.0)
+        assert p.model_version == version
+        np.testing.assert_allclose(p.phase, scale * frames[i - 1])
+
+
+def test_cli_registers_the_worker_subcommand(model2: Path) -> None:
+    import argparse
+
+    from edge_ptycho_bluesky.edge.worker import add_subcommand
+
+    parser = argparse.ArgumentParser()
+    add_subcommand(parser.add_subparsers(dest="cmd"))
+    args = parser.parse_args(["worker", "--model", str(model2), "--batch-size", "4",
+                              "--max-wait-ms", "3", "--queue-size", "16", "--engine", "onnxruntime"])
+    assert args.func.__name__ == "run_worker"
+    assert (args.batch_size, args.max_wait_ms, args.queue_size) == (4, 3.0, 16)
+    assert args.input == "ptycho:det:frames" and args.output == "ptycho:edge:phase"
+    with pytest.raises(SystemExit):  # --model and --registry are exclusive
+        parser.parse_args(["worker", "--model", "a.onnx", "--registry", "r"])
+    with pytest.raises(ValueError, match="batch_size"):
+        WorkerConfig(batch_size=0)
+
+
+# -- pvapy hpc processor ----------------------------------------------------------------------
+
+
+class _CapturePublisher:
+    def __init__(self) -> None:
+        self.objects: list[Any] = []
+
+    def updateOutputChannel(self, pv: Any) -> None:  # noqa: N802 (pvapy's name)
+        self.objects.append(pv)
+
+
+def test_processor_configure_and_process(model2: Path, tmp_path: Path) -> None:
+    from edge_ptycho_bluesky.edge.ntnda import decode_patch
+    from edge_ptycho_bluesky.edge.processor import EdgePtychoProcessor
+
+    with pytest.raises(ValueError, match="exactly one"):
+        EdgePtychoProcessor({"engine": "onnxruntime"})
+    with pytest.raises(ValueError, match="unknown processor arguments"):
+        EdgePtychoProcessor({"model": str(model2), "colour": "red"})
+    proc = EdgePtychoProcessor({"model": str(model2), "processorId": 1,
+                                "objectIdField": "uniqueId"})
+    proc.configure({"engine": "onnxruntime", "threads": 1, "maxWaitMs": 1.0})
+    capture = _CapturePublisher()
+    proc.outputChannel, proc.dataPublisher = "test:out", capture
+    frames = frames_u16(12, seed=6)
+    try:
+        for i, f in enumerate(frames, start=1):
+            pv = encode_frame(f, i, pos=(float(i), 3.0), scan_uid="hpc-scan")
+            assert proc.process(pv) is pv
+        assert _wait(lambda: len(capture.objects) >= 12)
+        # at run time, configure({"model": ...}) swaps models between batches
+        proc.configure({"model": str(make_onnx(tmp_path / "times3.onnx", 3.0))})
+        proc.process(encode_frame(frames[0], 13, pos=(0.0, 0.0)))
+        assert _wait(lambda: len(capture.objects) >= 13)
+        stats = proc.getStats()
+    finally:
+        proc.stop()
+    patches = [decode_patch(pv) for pv in capture.objects]
+    assert [p.unique_id for p in patches] == list(range(1, 14))
+    np.testing.assert_allclose(patches[4].phase, 2.0 * frames[4])
+    assert patches[4].pos == (5.0, 3.0) and patches[4].scan_uid == "hpc-scan"
+    np.testing.assert_allclose(patches[12].phase, 3.0 * frames[0])
+    assert patches[12].model_version.startswith("times3@")
+    assert stats["nFramesInferred"] == 13 and stats["nFramesDropped"] == 0
+    assert stats["nModelSwaps"] == 1
+    assert set(stats) == set(proc.getStatsPvaTypes())
+    assert proc.getOutputPvObjectType(None).getStructureDict() == pva.NtNdArray().getStructureDict()
+
+
+def test_real_pvapy_hpc_consumer_run(model2: Path) -> None:
+    exe = shutil.which("pvapy-hpc-consumer", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("pvapy-hpc-consumer is not installed beside this python")
+    inp, out = _name("frames"), _name("phase")
+    pub = FramePublisher(inp)
+    args = {"model": str(model2), "engine": "onnxruntime", "threads": 1, "maxWaitMs": 2}
+    cmd = [exe, "--input-channel", inp, "--output-channel", out,
+           "--processor-class", "edge_ptycho_bluesky.edge.processor.EdgePtychoProcessor",
+           "--processor-args", json.dumps(args), "--server-queue-size", "1000",
+           "--runtime", "60", "--disable-curses"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    received: list[Patch] = []
+    sub = PatchSubscriber(out, received.append)
+    frames = frames_u16(50, seed=7)
+    try:
+        sub.start()  # the consumer creates its output record on its first (skipped) update
+        assert sub.wait_ready(30.0), "consumer output channel never appeared"
+        for i, f in enumerate(frames, start=1):
+            pub.publish(f, i, pos=(float(i), 0.0), scan_uid="hpc")
+        assert _wait(lambda: len(received) >= 50, 30.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0]
+        sub.stop()
+        pub.close()
+    assert sorted(p.unique_id for p in received) == list(range(1, 51)), output[-2000:]
+    p = received[10]
+    np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
+    assert p.scan_uid == "hpc" and p.model_version.startswith("times2@")
+    assert "'nFramesInferred': 50" in output
