@@ -6,12 +6,14 @@ For each frame rate, three processes run on loopback pvAccess:
   with positions and a scan uid, paced at the rate for ``--duration`` seconds;
 * the edge worker, started exactly as in production: ``python -m
   edge_ptycho_bluesky.edge.worker --model ... --engine ...``;
-* a :class:`~edge_ptycho_bluesky.edge.transport.PatchSubscriber` in this process, timing each
-  patch from the frame's publication (``t_in``) to its arrival.
+* a :class:`~edge_ptycho_bluesky.edge.transport.PatchSubscriber` in this process that adds each
+  patch to an :class:`~edge_ptycho_bluesky.stitching.IncrementalStitcher` as it arrives (what the
+  live stitch callback does) and times it from the frame's publication (``t_in``) until it is
+  stitched: the latency covers the whole path publisher -> worker -> stitcher.
 
 Reported per rate: frames published (and the rate achieved), frames inferred by the worker,
-drops (published - inferred, with the worker's reasons), sustained patches/s at the
-subscriber, and end-to-end latency percentiles.
+drops (published - inferred, with the worker's reasons), sustained patches/s stitched, and
+end-to-end latency percentiles (publication -> stitched).
 
 Usage::
 
@@ -110,6 +112,17 @@ def cpu_seconds(pid: int | None = None) -> float:
         return float("nan")
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (``VmRSS``), NaN when unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except (OSError, ValueError, IndexError):
+        pass
+    return float("nan")
+
+
 def make_tiny_model(path: Path) -> Path:
     """``phase = 1e-3 * frame``: an ONNX model that costs nearly nothing."""
     import onnx
@@ -138,6 +151,7 @@ def _wait(predicate: Any, timeout: float) -> bool:
 def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace,
              tmp: Path) -> dict[str, Any]:
     from edge_ptycho_bluesky.edge.transport import PatchSubscriber, read_status
+    from edge_ptycho_bluesky.stitching import IncrementalStitcher
 
     tag = uuid.uuid4().hex[:8]
     inp, out, status = f"bench:{tag}:frames", f"bench:{tag}:phase", f"bench:{tag}:status"
@@ -158,10 +172,18 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
          "--stats-json", str(stats_file)] + (["--threads", str(args.threads)]
                                              if args.threads else []),
         env=env, stdout=subprocess.PIPE, text=True)
-    arrivals: list[tuple[int, float, float]] = []  # (uniqueId, arrival time, latency s)
+    arrivals: list[tuple[int, float, float]] = []  # (uniqueId, stitched time, latency s)
     lock = threading.Lock()
+    # the publisher's positions are (i % 97, i // 97) object pixels: a grid that holds them all
+    stitcher = IncrementalStitcher((128 + 97, 128 + count // 97 + 1))
+    stitch_errors = [0]
 
     def on_patch(p: Any) -> None:
+        try:
+            stitcher.add(p.phase[None], np.array([p.pos], dtype=np.float64))
+        except Exception:
+            stitch_errors[0] += 1
+            return
         now = time.time()
         with lock:
             arrivals.append((p.unique_id, now, now - p.t_in))
@@ -189,6 +211,16 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
         assert publisher.stdin is not None
         load = os.getloadavg()[0]
         cpu0 = (cpu_seconds(publisher.pid), cpu_seconds(worker.pid), cpu_seconds())
+        rss0 = rss_mb(worker.pid)
+        rss_peak = [rss0]
+        watching = threading.Event()
+
+        def watch_rss() -> None:  # the worker's memory while frames stream in
+            while not watching.wait(0.1):
+                rss_peak[0] = max(rss_peak[0], rss_mb(worker.pid))
+
+        watcher = threading.Thread(target=watch_rss, daemon=True)
+        watcher.start()
         publisher.stdin.write("go\n")
         publisher.stdin.flush()
         published = json.loads(publisher.stdout.readline())
@@ -203,6 +235,9 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
                 last_n, last_t = n, time.monotonic()
             time.sleep(0.05)
         cpu1 = (cpu_seconds(publisher.pid), cpu_seconds(worker.pid), cpu_seconds())
+        watching.set()
+        watcher.join()
+        rss1 = rss_mb(worker.pid)
     finally:
         sub.stop()
         worker.send_signal(signal.SIGINT)
@@ -243,6 +278,9 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
         "publish_rate_achieved": count / max(float(published.get("elapsed_s", 1e-9)), 1e-9),
         "frames_inferred": inferred,
         "patches_received": len(ids),
+        "patches_stitched": stitcher.n_patches,
+        "stitch_errors": stitch_errors[0],
+        "gaps_at_subscriber": sub.gaps,
         "drops": int(published.get("published", 0)) - inferred,
         "drop_reasons": reasons,
         "fps": len(ids) / span if span > 0 else 0.0,
@@ -250,6 +288,10 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
         "latency_p99_ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
         "infer_batch_p50_ms": final.get("infer_p50_ms"),
         "queue_high_water": final.get("queue_high_water"),
+        "queue_capacity": final.get("queue_capacity"),
+        "worker_rss_mb_before": rss0,
+        "worker_rss_mb_peak": rss_peak[0],
+        "worker_rss_mb_after": rss1,
         # CPU seconds per second of streaming: how much of the 2 cores each process took
         "cpu_publisher": (cpu1[0] - cpu0[0]) / max(span, 1e-9),
         "cpu_worker": (cpu1[1] - cpu0[1]) / max(span, 1e-9),
@@ -260,20 +302,21 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
 
 
 def print_table(records: list[dict[str, Any]], header: bool = True) -> None:
-    head = (f"{'rate Hz':>8} {'pub Hz':>8} {'published':>9} {'inferred':>8} {'drops':>6} "
+    head = (f"{'rate Hz':>8} {'pub Hz':>8} {'published':>9} {'inferred':>8} {'stitched':>8} {'drops':>6} "
             f"{'fps':>7} {'p50 ms':>8} {'p99 ms':>8} {'batch p50':>9} {'cpu p/w/s':>14} "
-            f"{'load':>5}  drop reasons")
+            f"{'load':>5} {'rss MB':>11}  drop reasons")
     if header:
         print(head)
         print("-" * len(head))
     for r in records:
         reasons = ", ".join(f"{k}={v}" for k, v in sorted(r["drop_reasons"].items())) or "-"
         print(f"{r['rate']:>8.0f} {r['publish_rate_achieved']:>8.0f} {r['frames_published']:>9d} "
-              f"{r['frames_inferred']:>8d} {r['drops']:>6d} {r['fps']:>7.0f} "
+              f"{r['frames_inferred']:>8d} {r['patches_stitched']:>8d} {r['drops']:>6d} {r['fps']:>7.0f} "
               f"{r['latency_p50_ms']:>8.1f} {r['latency_p99_ms']:>8.1f} "
               f"{(r['infer_batch_p50_ms'] or 0):>9.2f} "
               f"{r['cpu_publisher']:>4.2f}/{r['cpu_worker']:>4.2f}/{r['cpu_subscriber']:>4.2f} "
-              f"{r['load_avg_1min_before']:>5.2f}  {reasons}")
+              f"{r['load_avg_1min_before']:>5.2f} "
+              f"{r['worker_rss_mb_before']:>4.0f}->{r['worker_rss_mb_peak']:>4.0f}  {reasons}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,17 @@ def test_scan_is_inferred_stitched_stored_and_replayed(RE, beamline, tiled_clien
     again = stitch_cb2.results[uid]
     assert again.missing == [] and len(again.frame_indices) == 30
     np.testing.assert_allclose(again.patches, 3.0 * frames, rtol=1e-6)
-    assert len(find_derived_runs(tiled_client, uid, "edge_inference")) == 2
+    # the new stitched image is stored next to the old one, each tagged with its model version
+    old_run, new_run = find_derived_runs(tiled_client, uid, "edge_inference")
+    assert old_run.metadata["start"]["uid"] == result.derived_run_uid
+    assert new_run.metadata["start"]["uid"] == again.derived_run_uid
+    assert old_run.metadata["start"]["model_versions"] == result.model_versions
+    assert new_run.metadata["start"]["model_versions"] == again.model_versions
+    assert result.model_versions[0].startswith("x2@") and again.model_versions[0].startswith("x3@")
+    new_image = new_run["stitched"]["stitched_phase"].read()[0]
+    np.testing.assert_array_equal(new_image, again.image)
+    np.testing.assert_array_equal(old_run["stitched"]["stitched_phase"].read()[0], result.image)
+    np.testing.assert_allclose(new_image, 1.5 * result.image, rtol=1e-5, equal_nan=True)
 
 
 def stitch_cb_grid_pixels(result, start):

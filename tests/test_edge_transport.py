@@ -313,3 +313,32 @@ def test_patch_subscriber_isolates_callback_errors() -> None:
 def test_patch_subscriber_needs_a_channel() -> None:
     with pytest.raises(ValueError, match="at least one channel"):
         PatchSubscriber([], lambda p: None)
+
+
+def test_pva_source_skips_decoding_while_the_handler_is_saturated() -> None:
+    """An overloaded handler gets ``on_overflow(uniqueId)`` instead of a decoded frame."""
+
+    class Saturable(Collector):
+        def __init__(self) -> None:
+            super().__init__()
+            self.full = False
+            self.overflow: list[int] = []
+
+        def saturated(self) -> bool:
+            return self.full
+
+        def on_overflow(self, unique_id: int) -> None:
+            self.overflow.append(unique_id)
+
+    handler = Saturable()
+    source = PvaFrameSource(_name("frames"))
+    source._handler, source._active = handler, True  # drive the monitor callback directly
+    frame = np.ones((128, 128), np.uint16)
+    source._on_update(encode_frame(frame, 1, pos=(0.0, 0.0)))
+    handler.full = True
+    source._on_update(encode_frame(frame, 2, pos=(0.0, 0.0)))
+    source._on_update(encode_frame(frame, 3))
+    handler.full = False
+    source._on_update(encode_frame(frame, 4, pos=(0.0, 0.0)))
+    assert [f.unique_id for f in handler.frames] == [1, 4]
+    assert handler.overflow == [2, 3] and handler.rejects == []

@@ -180,6 +180,69 @@ def test_overload_drops_are_counted_and_the_queue_stays_bounded(model2: Path) ->
         np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
 
 
+def test_memory_stays_flat_when_frames_outrun_the_engine(model2: Path) -> None:
+    """Sustained overload: the bounded queue drops, and memory does not grow with the stream."""
+    import tracemalloc
+
+    slow = lambda p: SlowEngine(ORT(p), 0.01)  # noqa: E731
+    src, sink = InProcessFrameSource(), InProcessPatchSink(keep=False)
+    worker = EdgeWorker(FileModelSource(model2, slow), src, sink,
+                        WorkerConfig(batch_size=2, max_wait_ms=1.0, queue_size=16,
+                                     latency_window=64))
+    frames = frames_u16(8, seed=9)
+    per_round, rounds, n = 300, 5, 0
+    tracemalloc.start()
+    try:
+        with worker:
+            traced, peaks = [], []
+            for _ in range(rounds):
+                for _ in range(per_round // 20):  # chunks of 20 at once: far faster than the engine
+                    for _ in range(20):
+                        n += 1
+                        src.publish(frames[n % 8], n, pos=(0.0, 0.0), scan_uid="flood")
+                    assert src.wait_delivered(20.0)
+                peaks.append(tracemalloc.get_traced_memory()[1])  # while the queue is full
+                assert _wait(lambda: worker.stats().pending == 0, 20.0)
+                traced.append(tracemalloc.get_traced_memory()[0])
+                tracemalloc.reset_peak()
+            stats = worker.stats()
+    finally:
+        tracemalloc.stop()
+    assert stats.received == n == per_round * rounds
+    assert stats.dropped.get("queue_full", 0) > (rounds - 1) * per_round // 2
+    assert stats.inferred + stats.dropped["queue_full"] == n and sink.count == stats.inferred
+    assert stats.queue_high_water <= 16
+    # 1,200 more frames went through after the first round (38 MB of uint16 alone if any part
+    # of the path kept them); the traced heap may move by allocator noise only
+    grown = traced[-1] - traced[0]
+    streamed = (rounds - 1) * per_round * frames[0].nbytes
+    assert grown < 0.05 * streamed, (traced, streamed)
+    # during the flood the heap holds at most the bounded queue, one batch and one chunk in
+    # transit (~40 frames), not the ~300 frames of a round
+    assert max(peaks[1:]) - traced[0] < 100 * frames[0].nbytes, (peaks, traced)
+
+
+def test_status_is_logged_with_counts_latencies_and_model(model2: Path, caplog: Any) -> None:
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, ORT), src, sink,
+                        WorkerConfig(max_wait_ms=1.0, status_period_s=0.05))
+    with caplog.at_level("INFO", logger="edge_ptycho_bluesky.edge.worker"), worker:
+        src.publish(frames_u16(1)[0], 1, pos=(0.0, 0.0))
+        src.publish(frames_u16(1)[0], 2)  # no position
+        assert sink.wait_for(1, 10.0)
+        def logged() -> list[str]:
+            return [r.getMessage() for r in list(caplog.records)
+                    if all(k in r.getMessage() for k in ("received=2 ", "inferred=1 ",
+                                                           "dropped[no_position=1]"))]
+
+        assert _wait(lambda: bool(logged()))
+    line = logged()[0]
+    for part in ("queue=0/256", "infer p50/p99=",
+                 "e2e p50/p99=", "model=times2@", "engine=onnxruntime"):
+        assert part in line, line
+    assert sink.statuses and sink.statuses[-1]["model_version"].startswith("times2@")
+
+
 def test_bad_input_is_counted_by_reason_and_the_worker_keeps_running(model2: Path) -> None:
     src, sink = InProcessFrameSource(), InProcessPatchSink()
     worker = EdgeWorker(FileModelSource(model2, ORT), src, sink, WorkerConfig(max_wait_ms=1.0))
@@ -371,6 +434,45 @@ def test_pvaccess_end_to_end_every_frame_accounted(model2: Path) -> None:
     assert st["model_version"] == stats.model_version and st["input_connected"] is True
 
 
+def test_pvaccess_overload_counts_gaps_and_queue_overflow(model2: Path) -> None:
+    """Frames faster than the engine over pvAccess, with ids lost upstream: every id accounted."""
+    inp, out = _name("frames"), _name("phase")
+    pub = FramePublisher(inp)
+    slow = lambda p: SlowEngine(ORT(p), 0.02)  # noqa: E731
+    worker = EdgeWorker(FileModelSource(model2, slow), PvaFrameSource(inp), PvaPatchSink(out),
+                        WorkerConfig(batch_size=2, max_wait_ms=1.0, queue_size=8))
+    received: list[Patch] = []
+    sub = PatchSubscriber(out, received.append)
+    n, lost = 400, set(range(40, 401, 40)) - {400}  # 9 ids never published (lost upstream)
+    frames = frames_u16(16, seed=8)
+    try:
+        worker.start()
+        sub.start()
+        assert sub.wait_ready(10.0)
+        assert _wait(lambda: worker.stats().received >= 1)  # the empty initial update
+        for i in range(1, n + 1):
+            if i not in lost:
+                pub.publish(frames[i % 16], i, pos=(float(i), 0.0), scan_uid="flood")
+        # every id up to n is either received or counted as a gap (pvAccess may lose more)
+        _wait(lambda: worker.stats().received - 1 + worker.stats().gaps >= n, 20.0)
+        stats = worker.stop(drain=True)
+        assert _wait(lambda: len(received) >= stats.inferred, 10.0)
+    finally:
+        worker.stop()
+        sub.stop()
+        pub.close()
+    assert stats.gaps >= len(lost)                        # ids lost upstream are counted
+    assert stats.received - 1 + stats.gaps == n           # ... and nothing else goes unseen
+    assert stats.dropped.get("queue_full", 0) > 0         # overflow counted, not buffered
+    assert set(stats.dropped) <= {"empty", "gap", "queue_full"}
+    assert stats.received == stats.inferred + stats.dropped_total - stats.gaps
+    assert stats.queue_high_water <= 8
+    ids = [p.unique_id for p in received]
+    assert len(ids) == len(set(ids)) == stats.inferred and not set(ids) & lost
+    for p in received[:5]:
+        np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id % 16])
+
+
 def _bad_frames(pub: FramePublisher, start: int) -> dict[str, int]:
     """Publish one malformed frame per reason over pvAccess; returns the expected counts."""
     nan = np.ones((128, 128), np.float32)
@@ -541,3 +643,49 @@ def test_real_pvapy_hpc_consumer_run(model2: Path) -> None:
     np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
     assert p.scan_uid == "hpc" and p.model_version.startswith("times2@")
     assert "'nFramesInferred': 50" in output
+
+
+def test_real_pvapy_hpc_consumer_scales_out_with_n_consumers(model2: Path) -> None:
+    """`pvapy-hpc-consumer --n-consumers 2 --distributor-updates 4`: each consumer serves its own
+    output channel; together they infer every frame exactly once, in blocks of 4."""
+    exe = shutil.which("pvapy-hpc-consumer", path=str(Path(sys.executable).parent))
+    if exe is None:
+        pytest.skip("pvapy-hpc-consumer is not installed beside this python")
+    tag = uuid.uuid4().hex[:10]
+    inp = f"test:{tag}:frames"
+    outs = [f"test:{tag}:{i}:phase" for i in (1, 2)]
+    pub = FramePublisher(inp)
+    args = {"model": str(model2), "engine": "onnxruntime", "threads": 1, "maxWaitMs": 2}
+    cmd = [exe, "--input-channel", inp, "--output-channel", f"test:{tag}:*:phase",
+           "--processor-class", "edge_ptycho_bluesky.edge.processor.EdgePtychoProcessor",
+           "--processor-args", json.dumps(args), "--server-queue-size", "1000",
+           "--n-consumers", "2", "--distributor-updates", "4", "--report-period", "600",
+           "--runtime", "90", "--disable-curses"]
+    proc = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    received: dict[str, list[Patch]] = {name: [] for name in outs}
+    subs = [PatchSubscriber(name, received[name].append) for name in outs]
+    n = 40
+    frames = frames_u16(n, seed=10)
+    try:
+        for sub in subs:
+            sub.start()
+        assert all(sub.wait_ready(60.0) for sub in subs), "consumer output channels never appeared"
+        for i, f in enumerate(frames, start=1):
+            pub.publish(f, i, pos=(float(i), 0.0), scan_uid="hpc2")
+        assert _wait(lambda: sum(map(len, received.values())) >= n, 60.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+        for sub in subs:
+            sub.stop()
+        pub.close()
+    ids = {name: [p.unique_id for p in patches] for name, patches in received.items()}
+    assert sorted(ids[outs[0]] + ids[outs[1]]) == list(range(1, n + 1)), output[-2000:]
+    assert all(ids.values())                                   # both consumers took a share
+    for name, got in ids.items():                              # whole blocks of 4 per consumer
+        blocks = {(i - 1) // 4 for i in got}
+        assert sorted(got) == sorted(i for b in blocks for i in range(4 * b + 1, 4 * b + 5)), name
+    for p in received[outs[1]][:3]:
+        np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
+        assert p.scan_uid == "hpc2" and p.model_version.startswith("times2@")

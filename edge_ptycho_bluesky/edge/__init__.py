@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
                      "FramePublisher", "FrameSource", "InProcessFrameSource",
                      "InProcessPatchSink", "PatchSink", "PatchSubscriber", "PvaFrameSource",
                      "PvaPatchSink", "loopback_env", "read_status"], "transport"),
+    **dict.fromkeys(["EdgeSession", "EdgeSessionConfig", "start_edge_session"], "session"),
     **dict.fromkeys(["DROP_REASONS", "EdgeWorker", "Engine", "FileModelSource", "LoadedModel",
                      "ModelRefused", "RegistryModelSource", "WorkerConfig", "WorkerStats",
                      "engine_factory"], "worker"),
@@ -56,6 +57,8 @@ __all__ = [
     "DEFAULT_OUTPUT_PV",
     "DEFAULT_STATUS_PV",
     "DROP_REASONS",
+    "EdgeSession",
+    "EdgeSessionConfig",
     "EdgeWorker",
     "Engine",
     "FileModelSource",
@@ -82,4 +85,5 @@ __all__ = [
     "engine_factory",
     "loopback_env",
     "read_status",
+    "start_edge_session",
 ]

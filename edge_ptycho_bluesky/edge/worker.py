@@ -19,7 +19,9 @@ counted under ``"gap"``, so after :meth:`EdgeWorker.stop` (which drains the queu
 
 Drop reasons: ``empty`` (empty NTNDArray, e.g. a fresh record's initial update), ``bad_shape``,
 ``bad_dtype``, ``nan`` (NaN/inf), ``no_position`` (no ``pos_x``/``pos_y`` attribute),
-``compressed``, ``decode_error``, ``queue_full`` (inference behind: the bounded queue was full),
+``compressed``, ``decode_error``, ``queue_full`` (inference behind: the bounded queue was full;
+the pvAccess source then counts arrivals without decoding them, so a frame that would also
+have been bad counts as ``queue_full``),
 ``gap`` (never received: lost upstream of the worker), ``no_model`` (no model deployed yet),
 ``preprocess_error``, ``inference_error``, ``publish_error``, ``shutdown`` (left in the queue by
 ``stop(drain=False)``).
@@ -732,6 +734,21 @@ class EdgeWorker:
             if len(self._shape_ok) < 64:
                 self._shape_ok[shape] = ok
         return ok
+
+    def saturated(self) -> bool:
+        """Whether the inference queue is full (the transport may then skip decoding)."""
+        return self._queue.full()
+
+    def on_overflow(self, unique_id: int) -> None:
+        """Count an update that arrived while the queue was full, without decoding it.
+
+        The transport calls this instead of :meth:`on_frame` when :meth:`saturated` is true,
+        so an overloaded worker does not spend its CPU decoding frames it must drop anyway.
+        """
+        with self._lock:
+            self._received += 1
+        self._track_id(unique_id)
+        self._drop("queue_full", f"inference queue full ({self.config.queue_size})", unique_id)
 
     def on_frame(self, frame: Frame) -> None:
         """Validate a frame and enqueue it for inference (or count it as dropped)."""

@@ -1,0 +1,13 @@
+# Edge inference: each frame goes to the edge worker over pvAccess (loopback), its phase patch
+# comes back, is stitched live (and plotted with a GUI backend), and at the end of the scan the
+# stitched image + patches are stored in Tiled as a derived run of the raw run.
+# Default: a worker is started here on the model deployed in $EDGE_PTYCHO_REGISTRY
+# (default <data dir>/registry) and stopped at exit. Import a model first with
+#     edge-ptycho import-onnx FILE.onnx --registry DIR
+# EDGE_PTYCHO_EDGE=0 turns this off; EDGE_PTYCHO_EDGE_WORKER=external uses a worker started with
+#     edge-ptycho worker --registry DIR
+# `edge.status()` reads the worker's status; `edge.stitch.results[uid]` holds a run's stitch;
+# `edge.replay(uid)` re-infers a stored scan with the current model (stored beside the old one).
+from edge_ptycho_bluesky.edge.session import start_edge_session
+
+edge = start_edge_session(RE, catalog, storage)
