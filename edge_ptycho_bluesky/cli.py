@@ -15,6 +15,8 @@ SUBCOMMAND_MODULES = (
     "edge_ptycho_bluesky.training.trainer",
     "edge_ptycho_bluesky.model.cli",
     "edge_ptycho_bluesky.edge.worker",
+    "edge_ptycho_bluesky.recon.cli",
+    "edge_ptycho_bluesky.model.infer_cli",
 )
 
 

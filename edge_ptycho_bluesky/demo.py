@@ -2,10 +2,16 @@
 
 Stages (each adds its figures to ``OUT/summary.json``, a flat JSON object):
 
-1. a training scan (random etched features, overlap ~0.9) and a test scan (letters, unseen
-   features) on the simulated beamline, stored in the embedded Tiled catalog;
-2. the test scan replayed from Tiled through a callback, with its frames read back;
-3. pictures: ``OUT/scan_positions.png`` (both scans' positions and one diffraction pattern).
+1. a training scan (random etched features, overlap ~0.9) on the simulated beamline, stored in
+   the embedded Tiled catalog and replayed from it through a callback;
+2. rPIE of the training scan (the "HPC" side), its training labels stored in Tiled beside the
+   raw run, and ``ssim_rpie_vs_truth``; picture ``OUT/rpie_vs_truth.png``;
+3. PtychoNN 2.0 trained on those labels and published into a model registry (``OUT/registry``);
+4. a test scan (letters: features the network never saw) with live inference: every frame goes
+   over pvAccess (loopback) to an ``edge-ptycho worker`` process, the phase patches come back
+   and are stitched live, and the stitched image is stored in Tiled beside the raw run;
+5. rPIE of the test scan as reference: ``ssim_ai_vs_rpie``, ``ssim_ai_vs_truth``; picture
+   ``OUT/ai_vs_rpie.png``. ``OUT/scan_positions.png`` shows both scans and one pattern.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from edge_ptycho_bluesky.metrics import compare
+from edge_ptycho_bluesky.recon.labels import labels_from_reconstruction, store_labels
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +42,16 @@ class DemoConfig:
     train_points: int = 400
     test_points: int = 200
     exposure_s: float = 0.01
+    rpie_iterations: int = 100
+    epochs: int = 50
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.quick:
             object.__setattr__(self, "train_points", min(self.train_points, 60))
             object.__setattr__(self, "test_points", min(self.test_points, 40))
+            object.__setattr__(self, "rpie_iterations", min(self.rpie_iterations, 60))
+            object.__setattr__(self, "epochs", min(self.epochs, 2))
 
     @property
     def storage_dir(self) -> Path:
@@ -46,10 +59,12 @@ class DemoConfig:
 
 
 def _scan(RE, beamline, config: DemoConfig, num_points: int, purpose: str) -> str:
+    """A spiral scan; only training scans are marked ``labelled`` (they feed the retraining loop)."""
     from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 
     (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=config.step_um,
-                                   num_points=num_points, exposure=config.exposure_s, md={"purpose": purpose}))
+                                   num_points=num_points, exposure=config.exposure_s,
+                                   labelled=purpose == "train", md={"purpose": purpose}))
     return uid
 
 
@@ -61,41 +76,210 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     from bluesky import RunEngine
 
     from edge_ptycho_bluesky.callbacks import ScanProgress
+    from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
     from edge_ptycho_bluesky.devices import make_simulated_beamline
+    from edge_ptycho_bluesky.edge.process import WorkerChannels
+    from edge_ptycho_bluesky.edge.session import EdgeSession, EdgeSessionConfig
+    from edge_ptycho_bluesky.edge.transport import loopback_env
     from edge_ptycho_bluesky.storage import StorageConfig, connect, get_run, make_tiled_writer, replay
+    from edge_ptycho_bluesky.training.jobs import JobConfig
+    from edge_ptycho_bluesky.training.trainer import TrainConfig
 
     config.out.mkdir(parents=True, exist_ok=True)
+    loopback_env()
     summary: dict[str, Any] = {}
     t0 = time.perf_counter()
     storage = StorageConfig(data_dir=config.storage_dir)
     client = connect(storage)
+    writer = make_tiled_writer(client, storage)
     RE = RunEngine({})
-    RE.subscribe(make_tiled_writer(client, storage))
+    RE.subscribe(writer)
     RE.subscribe(ScanProgress())
 
     extent = config.step_um * np.sqrt(max(config.train_points, config.test_points)) + 0.1
     train_line = make_simulated_beamline(storage.frames_dir, sample="train", extent_um=extent, seed=config.seed)
     test_line = make_simulated_beamline(storage.frames_dir, sample="test", extent_um=extent, seed=config.seed + 1)
-    logger.info("stage 1: training scan (%d points) and test scan (%d points)", config.train_points,
-                config.test_points)
+    second_line = make_simulated_beamline(storage.frames_dir, sample="train", extent_um=extent, seed=config.seed + 2)
+
+    logger.info("stage 1: training scan (%d points), stored in Tiled and replayed", config.train_points)
     train_uid = _scan(RE, train_line, config, config.train_points, "train")
-    test_uid = _scan(RE, test_line, config, config.test_points, "test")
-    summary["scans"] = [train_uid, test_uid]
-    summary["train_scan_uid"], summary["test_scan_uid"] = train_uid, test_uid
-
-    logger.info("stage 2: replay of the test scan from Tiled")
     counts: dict[str, int] = {}
-    replay(get_run(client, test_uid), lambda name, doc: counts.__setitem__(name, counts.get(name, 0) + 1))
+    replay(get_run(client, train_uid), lambda name, doc: counts.__setitem__(name, counts.get(name, 0) + 1))
     summary["replayed_documents"] = sum(counts.values())
-    frames = {uid: get_run(client, uid)["primary"]["ptycho_det_image"].read() for uid in (train_uid, test_uid)}
-    summary["frames_stored"] = int(sum(len(f) for f in frames.values()))
     summary["overlap_ratio"] = get_run(client, train_uid).metadata["start"]["edge_ptycho"]["overlap_ratio"]
+    _mark(summary, "stage1_scan", t0)
 
-    _plot_scans(config.out / "scan_positions.png", client, [train_uid, test_uid], frames[test_uid][0])
+    logger.info("stage 2: rPIE of the training scan and its labels")
+    train_rec = _reconstruct(get_run(client, train_uid), train_line.sample, config)
+    truth = train_line.sample.phase
+    scores = compare(truth, train_rec.result.phase, train_rec.mask)
+    summary["ssim_rpie_vs_truth"] = round(scores["ssim"], 4)
+    summary["pearson_rpie_vs_truth"] = round(scores["pearson"], 4)
+    summary["rpie_frame_updates_per_s"] = round(train_rec.result.frame_updates_per_s)
+    labels = labels_from_reconstruction(train_rec.result, train_rec.frames, scan_uid=train_uid)
+    summary["labels_run_uid"] = store_labels(writer, labels, storage.frames_dir)
+    _plot_images(config.out / "rpie_vs_truth.png", [truth, train_rec.result.phase], train_rec.mask,
+                 ["true phase (training sample)", f"rPIE, SSIM {scores['ssim']:.3f}"])
+    _mark(summary, "stage2_rpie", t0)
+
+    logger.info("stage 3: the retraining job trains the first model on the stored labels")
+    loop = JobConfig.under(config.out / "loop", storage, rpie_iterations=config.rpie_iterations,
+                           train=TrainConfig(epochs=config.epochs, seed=config.seed, progress=False))
+    retrain = RetrainCallback(loop, "process", recorder=writer)
+    try:
+        retrain.submit(train_uid)
+        _wait(retrain)
+        first = retrain.outcomes[-1]
+        if first.published_version is None:
+            raise RuntimeError(f"the first training job did not publish a model: {first.status} ({first.reason}; "
+                               f"errors: {list(first.errors)})")
+        summary["model_version"] = first.published_version
+        _mark(summary, "stage3_train", t0)
+
+        logger.info("stage 4: test scan (%d points) with live inference over pvAccess", config.test_points)
+        channels = WorkerChannels.unique("edge_ptycho_demo")
+        edge = EdgeSession(RE, client, storage, EdgeSessionConfig(
+            registry=loop.registry_root, input_pv=channels.input, output_pv=channels.output,
+            status_pv=channels.status, engine="onnxruntime"), plot=False)
+        try:
+            test_uid = _scan(RE, test_line, config, config.test_points, "test")
+            live = edge.stitch.results[test_uid]
+            summary["frames_sent"] = edge.forwarder.sent
+            _mark(summary, "stage4_live", t0)
+
+            logger.info("stage 5: rPIE of the test scan as the reference for the AI image")
+            test_rec = _reconstruct(get_run(client, test_uid), test_line.sample, config)
+            test_truth = test_line.sample.phase
+            ai_image = _stitch_on_object_grid(live, test_rec)
+            ai_vs_rpie = compare(test_rec.result.phase, ai_image, test_rec.mask)
+            summary["ssim_ai_vs_rpie"] = round(ai_vs_rpie["ssim"], 4)
+            summary["pearson_ai_vs_rpie"] = round(ai_vs_rpie["pearson"], 4)
+            summary["ssim_ai_vs_truth"] = round(compare(test_truth, ai_image, test_rec.mask)["ssim"], 4)
+            summary["ssim_rpie_vs_truth_test"] = round(
+                compare(test_truth, test_rec.result.phase, test_rec.mask)["ssim"], 4)
+            _mark(summary, "stage5_reference", t0)
+
+            logger.info("stage 6: a second labelled scan drives validation and retraining (RE only)")
+            RE.subscribe(retrain)
+            second_uid = _scan(RE, second_line, config, config.train_points, "train")
+            _wait(retrain)
+            versions = [o.published_version for o in retrain.outcomes if o.published_version]
+            summary["model_versions"] = versions
+            summary["retrain_decisions"] = [f"{o.scan_uid[:8]}: {o.status} ({o.reason})" for o in retrain.outcomes]
+            served = _wait_for_model(edge, versions[-1])
+            logger.info("replaying the test scan through the edge worker (model %s)", served)
+            again = edge.replay(test_uid)
+            second_image = _stitch_on_object_grid(again, test_rec)
+            second_vs_rpie = compare(test_rec.result.phase, second_image, test_rec.mask)
+            _mark(summary, "stage6_retrain_replay", t0)
+        finally:
+            edge.close()
+    finally:
+        retrain.close()
+    stats, forwarder = edge.worker_stats, edge.forwarder
+    summary.update({
+        "frames_inferred": len(live.frame_indices),
+        # Frames of the live test scan that got no patch (dropped by the worker or the forwarder).
+        "frames_dropped": len(live.missing),
+        "worker_drop_reasons": ", ".join(f"{k}={v}" for k, v in sorted(stats.get("dropped", {}).items())) or "none",
+        "forwarder_failures": forwarder.dropped + forwarder.failed,
+        "latency_p50_ms": round(float(stats.get("e2e_p50_ms", float("nan"))), 2),
+        "latency_p99_ms": round(float(stats.get("e2e_p99_ms", float("nan"))), 2),
+        "transport": "pvAccess (loopback)",
+        "engine": stats.get("engine"),
+        "inference_run_uid": live.derived_run_uid,
+        "replay_inference_run_uid": again.derived_run_uid,
+        "replay_model_versions": sorted(set(again.model_versions)),
+        "ssim_first_model": summary["ssim_ai_vs_rpie"],
+        "ssim_second_model": round(second_vs_rpie["ssim"], 4),
+        "pearson_second_model": round(second_vs_rpie["pearson"], 4),
+    })
+    _plot_images(config.out / "ai_vs_rpie.png", [test_truth, test_rec.result.phase, ai_image, second_image],
+                 test_rec.mask, ["true phase (test sample)", "rPIE",
+                                 f"first model {versions[0]} live, SSIM {summary['ssim_first_model']:.3f}",
+                                 f"after retraining {versions[-1]}, SSIM {summary['ssim_second_model']:.3f}"])
+
+    uids = [train_uid, test_uid, second_uid]
+    summary["scans"] = uids
+    summary["train_scan_uid"], summary["test_scan_uid"], summary["second_train_scan_uid"] = uids
+    frames = {uid: get_run(client, uid)["primary"]["ptycho_det_image"].read() for uid in uids}
+    summary["frames_stored"] = int(sum(len(f) for f in frames.values()))
+    _plot_scans(config.out / "scan_positions.png", client, uids, frames[test_uid][0])
     summary["time_s"] = round(time.perf_counter() - t0, 2)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("demo written to %s", config.out)
     return summary
+
+
+def _mark(summary: dict[str, Any], stage: str, t0: float) -> None:
+    summary[f"time_{stage}_s"] = round(time.perf_counter() - t0, 2)
+
+
+def _wait(retrain, timeout: float = 3600.0) -> None:
+    if not retrain.wait_idle(timeout):
+        raise RuntimeError(f"the retraining job did not finish within {timeout:.0f} s: {retrain.status()}")
+
+
+def _wait_for_model(edge, version: str, timeout: float = 60.0) -> str | None:
+    """Wait until the edge worker reports ``version`` (its hot swap); return what it serves."""
+    deadline = time.monotonic() + timeout
+    served = None
+    while time.monotonic() < deadline:
+        try:
+            served = edge.status().get("model_version")
+        except Exception as exc:  # the status channel is momentarily unreadable
+            logger.debug("worker status: %s", exc)
+        if served == version:
+            return served
+        time.sleep(0.5)
+    logger.warning("the edge worker still serves %s, not %s, after %.0f s", served, version, timeout)
+    return served
+
+
+@dataclass
+class _Reconstruction:
+    result: Any  # RPIEResult
+    frames: np.ndarray
+    mask: np.ndarray  # the well-lit (scanned) region of the object grid
+
+
+def _reconstruct(run, sample, config: DemoConfig) -> _Reconstruction:
+    """rPIE of a stored run, on the simulated sample's object grid (so the truth lines up).
+
+    Nothing of the simulation's truth goes in: the starting probe is modelled from the recorded
+    optics (beam diameter) and the data, and refined.
+    """
+    from edge_ptycho_bluesky.recon.rpie import recon_from_run
+
+    result = recon_from_run(run, object_shape=sample.transmission.shape, iterations=config.rpie_iterations,
+                            progress=True)
+    frames = run["primary"][run.metadata["start"]["edge_ptycho"]["image_key"]].read()
+    return _Reconstruction(result, frames, result.scanned_mask(0.3))
+
+
+def _stitch_on_object_grid(live, rec: _Reconstruction) -> np.ndarray:
+    """The live patches stitched on the rPIE object grid (for a pixel-to-pixel comparison)."""
+    from edge_ptycho_bluesky.stitching import stitch
+
+    positions = rec.result.positions[live.frame_indices]
+    image, _ = stitch(live.patches, positions, shape=rec.result.object.shape)
+    return image
+
+
+def _plot_images(path: Path, images: list[np.ndarray], mask: np.ndarray, titles: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    rows, cols = np.nonzero(mask)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    fig, axes = plt.subplots(1, len(images), figsize=(4.5 * len(images), 4.2))
+    for ax, image, title in zip(np.atleast_1d(axes), images, titles):
+        shown = np.where(mask, image - np.nanmedian(image[mask]), np.nan)[box]
+        im = ax.imshow(shown, cmap="gray")
+        ax.set(title=title, xticks=[], yticks=[])
+        fig.colorbar(im, ax=ax, label="phase (rad)", shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _plot_scans(path: Path, client, uids: list[str], frame: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""The command line: ``edge-ptycho demo`` writes its pictures and summary."""
+"""The command line: ``edge-ptycho demo`` runs the whole workflow and writes its pictures and summary."""
 
 from __future__ import annotations
 
@@ -12,10 +12,28 @@ from edge_ptycho_bluesky.cli import main
 def test_demo_quick_writes_summary_and_pictures(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "out"), "--quick"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert len(summary["scans"]) == 2 and all(isinstance(uid, str) and len(uid) == 36 for uid in summary["scans"])
-    assert summary["frames_stored"] == 60 + 40
+    assert len(summary["scans"]) == 3 and all(isinstance(uid, str) and len(uid) == 36 for uid in summary["scans"])
+    assert summary["frames_stored"] == 60 + 40 + 60
     assert summary["replayed_documents"] > 40
-    assert (tmp_path / "out" / "scan_positions.png").stat().st_size > 10_000
+    for picture in ("scan_positions.png", "rpie_vs_truth.png", "ai_vs_rpie.png"):
+        assert (tmp_path / "out" / picture).stat().st_size > 10_000
+    # rPIE (20 iterations in quick mode) already resolves the training phantom.
+    assert summary["ssim_rpie_vs_truth"] > 0.6 and summary["pearson_rpie_vs_truth"] > 0.9
+    # Live inference over pvAccess: every test frame sent and accounted for.
+    assert summary["transport"] == "pvAccess (loopback)"
+    assert summary["frames_sent"] == 40
+    assert summary["frames_inferred"] + summary["frames_dropped"] == 40
+    assert summary["latency_p99_ms"] >= summary["latency_p50_ms"] > 0
+    assert summary["model_version"] and summary["inference_run_uid"] and summary["labels_run_uid"]
+    # Two training epochs make a poor network; the figures are measured and in range, not judged here.
+    assert -1 <= summary["ssim_ai_vs_rpie"] <= 1 and -1 <= summary["ssim_ai_vs_truth"] <= 1
+    # The closed loop: the first model comes from the retraining job; the second labelled scan is
+    # validated against it and, per the policy, retrains; the replay uses what the worker serves.
+    assert summary["model_versions"][0] == summary["model_version"]
+    assert len(summary["retrain_decisions"]) == 2
+    assert summary["retrain_decisions"][0].split(": ")[1].startswith("trained")
+    assert summary["replay_model_versions"] == summary["model_versions"][-1:]
+    assert -1 <= summary["ssim_second_model"] <= 1
 
 
 def test_unknown_subcommand_exits_with_usage(capsys):

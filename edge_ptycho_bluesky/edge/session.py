@@ -127,6 +127,9 @@ class EdgeSession:
         The embedded worker (:mod:`edge_ptycho_bluesky.edge.process`); None for an external one.
     worker_log : Path or None
         The embedded worker's log (``<data dir>/logs/edge-worker.log``).
+    worker_stats : dict
+        The embedded worker's final statistics (``inferred``, ``dropped_total``, ``e2e_p50_ms``...),
+        filled by :meth:`close`.
     """
 
     def __init__(self, RE: Any, catalog: Any, storage: Any, config: EdgeSessionConfig, *,
@@ -145,6 +148,7 @@ class EdgeSession:
         self.catalog = catalog
         self.worker: Any = None  # a WorkerProcess for the embedded worker
         self.worker_log: Path | None = None
+        self.worker_stats: dict[str, Any] = {}  # the embedded worker's final statistics, after close()
         self._tokens: list[int] = []
         self._closed = False
         self.publisher = FramePublisher(config.input_pv)  # the worker's input, served here
@@ -224,7 +228,7 @@ class EdgeSession:
         if subscriber is not None:
             subscriber.stop()
         if self.worker is not None and self.worker.running:
-            final = self.worker.stop(timeout=20.0)  # SIGINT: it drains its queue first
+            final = self.worker_stats = self.worker.stop(timeout=20.0)  # SIGINT: it drains its queue first
             logger.info("edge worker stopped: received=%s inferred=%s dropped=%s model=%s",
                         final.get("received"), final.get("inferred"), final.get("dropped"),
                         final.get("model_version"))
