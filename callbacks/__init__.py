@@ -6,9 +6,9 @@ from .edge import FrameForwarder, LivePhasePlot, LiveStitchCallback, StitchResul
 from .progress import ScanProgress
 
 __all__ = ["FrameForwarder", "JobOutcome", "LivePhasePlot", "LiveStitchCallback", "RetrainCallback",
-           "ScanProgress", "StitchResult", "TiledRunWatcher"]
+           "ScanProgress", "StitchResult", "TiledRunWatcher", "start_retraining"]
 
-_RETRAIN = {"JobOutcome", "RetrainCallback", "TiledRunWatcher"}
+_RETRAIN = {"JobOutcome", "RetrainCallback", "TiledRunWatcher", "start_retraining"}
 
 
 def __getattr__(name: str) -> Any:

@@ -61,7 +61,12 @@ from edge_ptycho_bluesky.training.policy import RetrainPolicy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobOutcome", "RetrainCallback", "TiledRunWatcher"]
+__all__ = ["JobOutcome", "RetrainCallback", "TiledRunWatcher", "start_retraining"]
+
+#: Environment variables read by :func:`start_retraining` (the profile's ``50-retrain.py``).
+ENV_RETRAIN = "EDGE_PTYCHO_RETRAIN"
+ENV_EXECUTOR = "EDGE_PTYCHO_RETRAIN_EXECUTOR"
+ENV_EPOCHS = "EDGE_PTYCHO_RETRAIN_EPOCHS"
 
 DocumentCallback = Callable[[str, dict[str, Any]], Any]
 _STOP = object()
@@ -664,3 +669,39 @@ class TiledRunWatcher:
                 logger.exception("Tiled watcher: polling %s failed; trying again in %.0f s",
                                  getattr(self.client, "uri", self.client), self.interval_s)
             self._stop.wait(self.interval_s)
+
+
+def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | None:
+    """The profile's retraining callback, subscribed to ``RE``; None when turned off.
+
+    Jobs use the edge session's registry (``EDGE_PTYCHO_REGISTRY``, default
+    ``<data dir>/registry``), keep their corpus, training increments and policy state under
+    ``<data dir>/retrain``, and record outcomes in ``catalog``. Environment: ``EDGE_PTYCHO_RETRAIN=0``
+    turns this off; ``EDGE_PTYCHO_RETRAIN_EXECUTOR`` (``process``, ``thread``, ``dask``) picks
+    the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50).
+    """
+    import os
+
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+    from edge_ptycho_bluesky.training.trainer import TrainConfig
+
+    if os.environ.get(ENV_RETRAIN, "1").strip().lower() in ("0", "no", "off", "false"):
+        logger.info("retraining is off (%s=0)", ENV_RETRAIN)
+        return None
+    epochs_text = os.environ.get(ENV_EPOCHS, "50")
+    try:
+        epochs = int(epochs_text)
+    except ValueError:
+        raise ValueError(f"{ENV_EPOCHS}={epochs_text!r}: give the epochs per increment as an integer") from None
+    root = Path(storage.data_dir) / "retrain"
+    config = JobConfig(storage=storage, registry_root=EdgeSessionConfig.from_env(storage.data_dir).registry,
+                       corpus_dir=root / "corpus", workdir=root / "work",
+                       train=TrainConfig(epochs=epochs, progress=False))
+    callback = RetrainCallback(config, os.environ.get(ENV_EXECUTOR, "process"),
+                               recorder=make_tiled_writer(catalog, storage),
+                               state_path=root / "policy.json")
+    RE.subscribe(callback)
+    logger.info("retraining on labelled scans: registry %s, executor %s", config.registry_root,
+                callback.status().get("executor"))
+    return callback

@@ -36,8 +36,11 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU here (torch.cu
 
 
 def _frames(n: int, seed: int = 0) -> np.ndarray:
-    """(n, 128, 128) float32 counts on the scale of binned detector frames."""
-    return (np.random.default_rng(seed).random((n, 128, 128)) * 500).astype(np.float32)
+    """(n, 128, 128) float32 inputs on the scale the trainer gives the network (count_scale
+    'auto': brightest pixel ~100, most pixels O(1)). Raw counts of ~500 through the untrained,
+    He-initialised network push its activations to ~1e3, where float32 summation order alone
+    moves the phase by ~1e-4 rad."""
+    return (np.random.default_rng(seed).random((n, 128, 128)) * 5).astype(np.float32)
 
 
 def _torch_phase(model: torch.nn.Module, frames: np.ndarray) -> np.ndarray:

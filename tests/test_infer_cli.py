@@ -56,7 +56,7 @@ def tiny_registry(tmp_path_factory) -> Path:
         model = build_model("ptychonn2", nconv=4, n_levels=2)
         onnx = export_onnx(model, root.parent / f"tiny{seed}.onnx", exporter="legacy")
         import_onnx(reg, onnx, version=version, deploy=deploy, model="ptychonn2-tiny",
-                    extra={"preprocess": {"scale": 0.5}})
+                    extra={"preprocess": {"scale": 0.005}})
     return root
 
 
@@ -107,13 +107,13 @@ def test_version_scale_and_batch_size(scan_file, tiny_registry, tmp_path):
     deployed = infer_scan(loaded, tiny_registry, batch_size=4, weight="uniform")
     other = infer_scan(loaded, tiny_registry, version="v0002", batch_size=13, weight="uniform")
     assert deployed.version == "v0001" and other.version == "v0002"
-    assert deployed.count_scale == 0.5  # read from the manifest's extra.preprocess.scale
+    assert deployed.count_scale == 0.005  # read from the manifest's extra.preprocess.scale
     assert not np.allclose(deployed.patches, other.patches)
     # Batch size does not change the result; the manifest scale is applied to the input.
     one_batch = infer_scan(loaded, tiny_registry, batch_size=64, weight="uniform")
     np.testing.assert_allclose(deployed.patches, one_batch.patches, atol=1e-5)
     onnx = ModelRegistry(tiny_registry).get("v0001").onnx_path
-    direct = OnnxRuntimeEngine(onnx).infer(preprocess(loaded.scan.frames, scale=0.5))
+    direct = OnnxRuntimeEngine(onnx).infer(preprocess(loaded.scan.frames, scale=0.005))
     np.testing.assert_allclose(deployed.patches, direct, atol=1e-5)
     # Uniform weights: the coverage counts the patches over each pixel.
     assert deployed.coverage.max() <= N_FRAMES and deployed.coverage.max() >= 2
@@ -193,7 +193,7 @@ def test_infer_a_run_stored_in_tiled(RE, beamline, tiled_client, storage_config,
     x, y = run["primary"]["stage_x"].read(), run["primary"]["stage_y"].read()
     positions, shape = window_positions_from_stage(x, y, run.metadata["start"]["edge_ptycho"]["geometry"])
     direct = OnnxRuntimeEngine(ModelRegistry(tiny_registry).get("v0001").onnx_path).infer(
-        preprocess(frames, scale=0.5))
+        preprocess(frames, scale=0.005))
     expected, _ = stitch(direct, positions, shape=shape, fill=0.0)
     with h5py.File(out, "r") as f:
         assert f["/entry_1/image_1"].attrs["source"] == uid

@@ -27,6 +27,7 @@ from edge_ptycho_bluesky.training.trainer import (
     ContinualTrainer,
     TrainConfig,
     add_subcommand,
+    auto_count_scale,
     evaluate_scan,
     fit,
     load_labelled_scan_from_tiled,
@@ -328,6 +329,29 @@ def test_export_and_publish_matches_torch(tmp_path: Path, scan_b: LabelledScan) 
     with pytest.raises(ValueError, match="count_scale"):
         ContinualTrainer("ptychonn2", config.with_updates(count_scale=None),
                          tmp_path / "other").warm_start_from_registry(registry)
+    # count_scale="auto" (the default) adopts the warm-start version's recorded scale.
+    auto = ContinualTrainer("ptychonn2", config.with_updates(count_scale="auto"), tmp_path / "auto")
+    with pytest.raises(ValueError, match="auto"):
+        auto.count_scale
+    auto.warm_start_from_registry(registry)
+    assert auto.count_scale == SCALE
+
+
+def test_auto_count_scale_brings_the_brightest_pixel_to_about_100(tmp_path: Path,
+                                                                 scan_b: LabelledScan) -> None:
+    assert TrainConfig().count_scale == "auto"
+    trainer = ContinualTrainer("ptychonn2", tiny_config(epochs=1, count_scale="auto"), tmp_path / "w",
+                               model_kwargs=TINY)
+    trainer.add_scan(scan_b)
+    result = trainer.train()
+    scale = trainer.count_scale
+    brightest = float(scan_b.frames.max())
+    assert 50 <= scale * brightest <= 150 and float(f"{scale:.1g}") == scale
+    assert result.count_scale == scale  # what the network saw is recorded with the result
+    mv = trainer.export_and_publish(tmp_path / "registry", validation_ssim=0.5)
+    assert mv.manifest["extra"]["preprocess"] == {"scale": scale}
+    with pytest.raises(ValueError, match="no counts"):
+        auto_count_scale(np.zeros((2, 128, 128), np.float32))
 
 
 # --------------------------------------------------------------------------------------------

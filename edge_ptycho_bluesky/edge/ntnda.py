@@ -12,7 +12,7 @@ Input frames (published by the simulated fly detector and the forwarding callbac
 ``pos_x``, ``pos_y`` : double
     The frame's scan position, ``pos = (pos_x, pos_y)``, carried verbatim in the order and units
     the publisher gives.  In this project that is ``(row, col)`` in object pixels of the top-left
-    corner of the 128 x 128 probe window (CONVENTIONS.md); a publisher using other units says so
+    corner of the 128 x 128 probe window (docs/conventions.md); a publisher using other units says so
     in an extra attribute (e.g. ``pos_units``), which the worker forwards unchanged.
 ``scan_uid`` : string
     The Bluesky run start uid the frame belongs to.

@@ -128,11 +128,16 @@ class LoadedModel:
         Version label written into every patch it produces.
     path : Path
         The model file.
+    input_scale : float or None
+        The count scale the model was trained with (a registry version's
+        ``extra.preprocess.scale``), applied to every preprocessed batch on top of the
+        worker's own ``scale`` option (an exposure ratio); ``None``: none.
     """
 
     engine: Engine
     version: str
     path: Path
+    input_scale: float | None = None
 
 
 class ModelRefused(RuntimeError):
@@ -275,7 +280,9 @@ class RegistryModelSource:
                                            f"load: {type(exc).__name__}: {exc}") from exc
         smoke_test(engine, mv.version)
         self._loaded_version = mv.version
-        return LoadedModel(engine, mv.version, mv.onnx_path)
+        scale = ((mv.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
+        return LoadedModel(engine, mv.version, mv.onnx_path,
+                           None if scale is None else float(scale))
 
     def _token_changed(self) -> bool:
         from ..training.registry import RegistryError
@@ -849,6 +856,8 @@ class EdgeWorker:
         t0 = time.perf_counter()
         try:
             x = self._preprocess(np.stack([it.frame.data for it in items]))
+            if model.input_scale is not None:
+                x = x * np.float32(model.input_scale)
         except Exception as exc:
             self._drop("preprocess_error", f"{type(exc).__name__}: {exc}", first_uid, n)
             return

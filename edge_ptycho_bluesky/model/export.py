@@ -54,7 +54,7 @@ def export_onnx(
     frame_shape: tuple[int, int] = FRAME_SHAPE,
     exporter: Literal["dynamo", "legacy"] = "dynamo",
     verify: bool = True,
-    atol: float = 1e-4,
+    atol: float = 1e-3,
     metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export a PtychoNN network to a self-contained ONNX file and check it.
@@ -84,7 +84,8 @@ def export_onnx(
     verify : bool
         Run the file in ONNX Runtime on a random batch and compare with torch (``atol``).
     atol : float
-        Tolerance of the verification.
+        Tolerance of the verification in radians (default 1e-3, 0.03 % of the +-pi range: float32
+        sums in a different order differ by ~1e-4 on untrained, He-initialised weights).
     metadata : dict of str to str or None
         Extra ``metadata_props`` (e.g. model version, training scan ids).
 

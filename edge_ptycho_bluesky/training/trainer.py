@@ -24,9 +24,12 @@ normalisation) with ``scale=config.count_scale``. The network is not invariant t
 level, so the scale a model was trained with is part of the model: :meth:`ContinualTrainer.
 export_and_publish` records it in the registry manifest as ``extra["preprocess"] =
 {"scale": ...}``, and the edge worker must run ``preprocess(frames, scale=...)`` with that value
-(multiplied by any exposure ratio ``t_train / t_now``). ``count_scale=None`` keeps raw counts,
-as the paper's edge code does; simulated frames at 4e8 photons per frame train better with
-a scale that brings the brightest pixels to O(100) (see ``benchmarks/bench_train.py``).
+(multiplied by any exposure ratio ``t_train / t_now``); the worker reads it from the manifest.
+``count_scale=None`` keeps raw counts, as the paper's edge code does. The default, ``"auto"``,
+picks the scale on the first increment so that the brightest training pixel is about
+:data:`AUTO_BRIGHTEST` (100; rounded to one significant figure), and a warm start from a registry
+version adopts that version's recorded scale. Raw counts of 1e4-1e6 would start the network with
+its ``tanh`` head saturated.
 
 Typical use::
 
@@ -71,6 +74,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AUTO_BRIGHTEST",
     "CURVES_STEM",
     "DistInfo",
     "ContinualTrainer",
@@ -79,6 +83,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "add_subcommand",
+    "auto_count_scale",
     "evaluate_scan",
     "fit",
     "load_labelled_scan_from_tiled",
@@ -140,9 +145,10 @@ class TrainConfig:
         ``torch.set_num_threads`` during training (restored afterwards); None leaves it.
     amp : bool
         Mixed precision (float16 autocast + GradScaler) on CUDA; ignored on the CPU.
-    count_scale : float or None
+    count_scale : float, None or "auto"
         ``scale`` given to :func:`edge_ptycho_bluesky.model.preprocess` (see the module notes);
-        None keeps raw counts.
+        None keeps raw counts; ``"auto"`` (default) is resolved from the first training data or
+        from the warm-start version.
     progress : bool
         Show tqdm progress bars (epochs, and batches within an epoch).
     """
@@ -157,7 +163,7 @@ class TrainConfig:
     device: str = "auto"
     num_threads: int | None = None
     amp: bool = True
-    count_scale: float | None = None
+    count_scale: float | str | None = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -205,10 +211,12 @@ class TrainConfig:
             )
         if not isinstance(self.amp, bool) or not isinstance(self.progress, bool):
             raise TypeError("TrainConfig.amp and TrainConfig.progress must be bool")
-        if self.count_scale is not None and (not _is_real(self.count_scale) or self.count_scale <= 0):
+        if self.count_scale not in (None, "auto") and (
+            not _is_real(self.count_scale) or self.count_scale <= 0
+        ):
             raise ValueError(
-                f"TrainConfig.count_scale must be None (raw counts) or a positive number, "
-                f"got {self.count_scale!r}"
+                f"TrainConfig.count_scale must be None (raw counts), 'auto' or a positive "
+                f"number, got {self.count_scale!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -428,6 +436,27 @@ def triangular2_lr(
     cycle = np.floor(1 + it / (2 * step_size_up))
     x = np.abs(it / step_size_up - 2 * cycle + 1)
     return lr_min + (lr_max - lr_min) * np.maximum(0.0, 1.0 - x) / 2.0 ** (cycle - 1)
+
+
+#: ``count_scale="auto"`` brings the brightest training pixel to about this value.
+AUTO_BRIGHTEST: float = 100.0
+
+
+def auto_count_scale(frames: ArrayLike) -> float:
+    """The input scale that brings the brightest (binned) pixel of ``frames`` to ~100.
+
+    Rounded to one significant figure so that it reads well in manifests and logs.
+
+    Raises
+    ------
+    ValueError
+        When every pixel is zero or negative (no counts to scale).
+    """
+    brightest = float(np.max(prepare_inputs(frames)))
+    if not brightest > 0:
+        raise ValueError("the training frames hold no counts (brightest pixel <= 0): "
+                         "count_scale='auto' cannot pick a scale; check the detector data")
+    return float(f"{AUTO_BRIGHTEST / brightest:.1g}")
 
 
 def prepare_inputs(frames: ArrayLike, count_scale: float | None = None) -> NDArray[np.float32]:
@@ -1064,8 +1093,21 @@ class ContinualTrainer:
 
     @property
     def count_scale(self) -> float | None:
-        """The input scale of this model lineage (``config.count_scale``)."""
+        """The input scale of this model lineage (``config.count_scale``, once resolved).
+
+        Raises
+        ------
+        ValueError
+            While ``"auto"`` is unresolved (neither trained nor warm-started yet).
+        """
+        if self.config.count_scale == "auto":
+            raise ValueError("count_scale='auto' is chosen when training starts (or from the "
+                             "warm-start version): train() or warm_start_from_registry() first")
         return self.config.count_scale
+
+    def _set_count_scale(self, scale: float | None, why: str) -> None:
+        self.config = self.config.with_updates(count_scale=scale)
+        logger.info("count_scale %r (%s)", scale, why)
 
     def add_scan(self, scan: LabelledScan) -> None:
         """Append a labelled scan to the corpus (see :meth:`TrainingCorpus.add`)."""
@@ -1099,8 +1141,10 @@ class ContinualTrainer:
         if mv.torch_path is None:
             logger.warning("deployed version %s has no model.pt: no warm start", mv.version)
             return None
-        recorded = (mv.manifest.get("extra") or {}).get("preprocess", {})
-        if "scale" in recorded and recorded["scale"] != self.config.count_scale:
+        recorded = (mv.manifest.get("extra") or {}).get("preprocess") or {}
+        if self.config.count_scale == "auto":
+            self._set_count_scale(recorded.get("scale"), f"recorded with version {mv.version}")
+        elif "scale" in recorded and recorded["scale"] != self.config.count_scale:
             raise ValueError(
                 f"version {mv.version} was trained with count_scale={recorded['scale']!r} but "
                 f"this trainer uses {self.config.count_scale!r}; the weights only fit inputs "
@@ -1155,6 +1199,9 @@ class ContinualTrainer:
         elif initial_state is not None:
             self.model.load_state_dict(load_state_dict(initial_state), strict=True)
             self.parent_version = None
+        if self.config.count_scale == "auto":
+            self._set_count_scale(auto_count_scale(self.corpus.arrays()[0]),
+                                  f"brightest training pixel -> ~{AUTO_BRIGHTEST:g}")
         desc = f"increment {self.increment} ({self.corpus.n_frames} frames)"
         split_seed = self.config.seed + 7919 * self.increment
         if nproc > 1:
@@ -1190,7 +1237,7 @@ class ContinualTrainer:
 
     def evaluate(self, scan: LabelledScan, **kwargs: Any) -> ScanEvaluation:
         """:func:`evaluate_scan` of the current model (the trainer's count scale and device)."""
-        kwargs.setdefault("count_scale", self.config.count_scale)
+        kwargs.setdefault("count_scale", self.count_scale)
         kwargs.setdefault("batch_size", self.config.batch_size)
         return evaluate_scan(self.model, scan, **kwargs)
 
@@ -1244,7 +1291,7 @@ class ContinualTrainer:
             )
         if parent is ...:
             parent = self.parent_version
-        meta: dict[str, Any] = {"preprocess": {"scale": self.config.count_scale}}
+        meta: dict[str, Any] = {"preprocess": {"scale": self.count_scale}}
         if self.last_result is not None:
             meta["training"] = {**self.last_result.summary(), "increment": self.increment}
         meta.update(dict(extra or {}))
@@ -1317,9 +1364,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--count-scale", type=float, default=None,
-                   help="input scale given to preprocess (default: raw counts, or the deployed "
-                   "model's recorded scale when warm-starting)")
+    p.add_argument("--count-scale", type=_count_scale_arg, default="auto", metavar="auto|none|X",
+                   help="input scale given to preprocess: a number, 'none' (raw counts) or "
+                   "'auto' (default: the deployed model's recorded scale when warm-starting, "
+                   "else the brightest training pixel -> ~100)")
     p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
                    help="start from the deployed model's model.pt (default: yes)")
     p.add_argument("--ddp-procs", type=int, default=1, metavar="N",
@@ -1334,6 +1382,16 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.set_defaults(func=_cmd_train)
 
 
+def _count_scale_arg(text: str) -> float | str | None:
+    if text.lower() in ("auto", "none"):
+        return None if text.lower() == "none" else "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--count-scale takes a number, 'none' or 'auto', got {text!r}") from None
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .corpus import load_labelled_files
     from .registry import ModelRegistry, RegistryError
@@ -1345,9 +1403,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
             raise ValueError("no training data: pass --corpus FILE ... or --scan UID")
         registry = ModelRegistry(args.registry)
         scale = args.count_scale
-        current = registry.current(verify=False) if args.warm_start else None
-        if current is not None and scale is None:
-            scale = ((current.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
         config = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
             num_threads=args.threads, count_scale=scale, progress=not args.no_progress,
