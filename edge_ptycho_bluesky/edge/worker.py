@@ -280,9 +280,7 @@ class RegistryModelSource:
                                            f"load: {type(exc).__name__}: {exc}") from exc
         smoke_test(engine, mv.version)
         self._loaded_version = mv.version
-        scale = ((mv.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
-        return LoadedModel(engine, mv.version, mv.onnx_path,
-                           None if scale is None else float(scale))
+        return LoadedModel(engine, mv.version, mv.onnx_path, mv.input_scale)
 
     def _token_changed(self) -> bool:
         from ..training.registry import RegistryError

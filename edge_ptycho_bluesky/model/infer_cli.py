@@ -272,8 +272,7 @@ def infer_scan(
     else:
         mv = reg.verify(version)
     if scale is None:
-        recorded = ((mv.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
-        scale = None if recorded is None else float(recorded)
+        scale = mv.input_scale
     eng = load_engine(mv.onnx_path, engine)
     frames = loaded.scan.frames
     n = len(frames)

@@ -333,7 +333,7 @@ def validate_deployed(mv: Any, scan: Any) -> float:
     from ..model.preprocess import preprocess
     from ..stitching import stitch
 
-    scale = ((mv.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
+    scale = mv.input_scale
     engine = load_engine(mv.onnx_path, "onnxruntime", intra_op_threads=1)
     pred = engine.infer(preprocess(scan.frames, scale=scale))
     labels = np.asarray(scan.phases, dtype=np.float32)

@@ -190,6 +190,13 @@ class ModelVersion:
         return self.manifest.get("parent")
 
     @property
+    def input_scale(self) -> float | None:
+        """The count scale the network was trained with (``extra.preprocess.scale``), or None
+        (raw counts, or not recorded); inference must give it frames on the same scale."""
+        value = ((self.manifest.get("extra") or {}).get("preprocess") or {}).get("scale")
+        return None if value is None else float(value)
+
+    @property
     def validation_ssim(self) -> float | None:
         """SSIM on the validation data recorded at training, or None."""
         value = self.manifest.get("validation_ssim")
