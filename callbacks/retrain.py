@@ -57,7 +57,7 @@ from bluesky.callbacks.core import CallbackBase
 from edge_ptycho_bluesky.executors import executor_name, make_executor
 from edge_ptycho_bluesky.training.jobs import JOB_PURPOSE, JobConfig, JobRequest, JobResult, \
     run_retraining_job
-from edge_ptycho_bluesky.training.policy import RetrainPolicy
+from edge_ptycho_bluesky.training.policy import RetrainPolicy, RetrainPolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,9 @@ __all__ = ["JobOutcome", "RetrainCallback", "TiledRunWatcher", "start_retraining
 ENV_RETRAIN = "EDGE_PTYCHO_RETRAIN"
 ENV_EXECUTOR = "EDGE_PTYCHO_RETRAIN_EXECUTOR"
 ENV_EPOCHS = "EDGE_PTYCHO_RETRAIN_EPOCHS"
+#: :func:`start_retraining` retrains a model whose SSIM against new labels is below this, even when
+#: it is within tolerance of its own expected level (a poor first model must not be kept forever).
+MIN_SSIM = 0.85
 
 DocumentCallback = Callable[[str, dict[str, Any]], Any]
 _STOP = object()
@@ -678,7 +681,8 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
     ``<data dir>/registry``), keep their corpus, training increments and policy state under
     ``<data dir>/retrain``, and record outcomes in ``catalog``. Environment: ``EDGE_PTYCHO_RETRAIN=0``
     turns this off; ``EDGE_PTYCHO_RETRAIN_EXECUTOR`` (``process``, ``thread``, ``dask``) picks
-    the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50).
+    the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50). A model whose
+    SSIM against a new scan's labels is below :data:`MIN_SSIM` (0.85) is always retrained.
     """
     import os
 
@@ -697,7 +701,8 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
     root = Path(storage.data_dir) / "retrain"
     config = JobConfig(storage=storage, registry_root=EdgeSessionConfig.from_env(storage.data_dir).registry,
                        corpus_dir=root / "corpus", workdir=root / "work",
-                       train=TrainConfig(epochs=epochs, progress=False))
+                       train=TrainConfig(epochs=epochs, progress=False),
+                       policy=RetrainPolicyConfig(min_ssim=MIN_SSIM))
     callback = RetrainCallback(config, os.environ.get(ENV_EXECUTOR, "process"),
                                recorder=make_tiled_writer(catalog, storage),
                                state_path=root / "policy.json")
