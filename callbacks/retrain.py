@@ -412,7 +412,7 @@ class RetrainCallback(CallbackBase):
                 self._process(item)
             except Exception:  # never let the dispatcher die
                 logger.exception("retraining: unexpected error handling scan %s", item.scan_uid)
-                self._fail(item, 0, [f"internal error: see the log"], time.time())
+                self._fail(item, 0, ["internal error: see the log"], time.time())
             finally:
                 with self._cond:
                     self._running = None

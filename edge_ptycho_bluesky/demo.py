@@ -6,12 +6,17 @@ Stages (each adds its figures to ``OUT/summary.json``, a flat JSON object):
    the embedded Tiled catalog and replayed from it through a callback;
 2. rPIE of the training scan (the "HPC" side), its training labels stored in Tiled beside the
    raw run, and ``ssim_rpie_vs_truth``; picture ``OUT/rpie_vs_truth.png``;
-3. PtychoNN 2.0 trained on those labels and published into a model registry (``OUT/registry``);
+3. the retraining job (in a process pool) trains PtychoNN 2.0 on those labels and publishes the
+   first model into ``OUT/loop/registry``;
 4. a test scan (letters: features the network never saw) with live inference: every frame goes
    over pvAccess (loopback) to an ``edge-ptycho worker`` process, the phase patches come back
    and are stitched live, and the stitched image is stored in Tiled beside the raw run;
-5. rPIE of the test scan as reference: ``ssim_ai_vs_rpie``, ``ssim_ai_vs_truth``; picture
-   ``OUT/ai_vs_rpie.png``. ``OUT/scan_positions.png`` shows both scans and one pattern.
+5. rPIE of the test scan as reference: ``ssim_ai_vs_rpie``, ``ssim_ai_vs_truth``;
+6. a second labelled training scan, with the retraining callback subscribed to the RunEngine:
+   validation of the deployed model, retraining per the policy, hot swap in the worker, and a
+   replay of the test scan through the new model (``model_versions``, ``retrain_decisions``,
+   ``ssim_first_model``, ``ssim_second_model``). Pictures: ``OUT/ai_vs_rpie.png`` (truth, rPIE,
+   first and second model) and ``OUT/scan_positions.png`` (the scans and one pattern).
 """
 
 from __future__ import annotations
@@ -204,9 +209,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     uids = [train_uid, test_uid, second_uid]
     summary["scans"] = uids
     summary["train_scan_uid"], summary["test_scan_uid"], summary["second_train_scan_uid"] = uids
-    frames = {uid: get_run(client, uid)["primary"]["ptycho_det_image"].read() for uid in uids}
-    summary["frames_stored"] = int(sum(len(f) for f in frames.values()))
-    _plot_scans(config.out / "scan_positions.png", client, uids, frames[test_uid][0])
+    images = {uid: get_run(client, uid)["primary"]["ptycho_det_image"] for uid in uids}
+    summary["frames_stored"] = int(sum(image.shape[0] for image in images.values()))
+    _plot_scans(config.out / "scan_positions.png", client, uids, images[test_uid][0])
     summary["time_s"] = round(time.perf_counter() - t0, 2)
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.info("demo written to %s", config.out)

@@ -855,7 +855,7 @@ class EdgeWorker:
         try:
             x = self._preprocess(np.stack([it.frame.data for it in items]))
             if model.input_scale is not None:
-                x = x * np.float32(model.input_scale)
+                x *= np.float32(model.input_scale)  # in place: preprocess returns a fresh array
         except Exception as exc:
             self._drop("preprocess_error", f"{type(exc).__name__}: {exc}", first_uid, n)
             return

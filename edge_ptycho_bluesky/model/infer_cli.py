@@ -339,11 +339,8 @@ def write_result(path: str | Path, loaded: LoadedScan, result: InferenceResult, 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``edge-ptycho infer`` on the top-level CLI's subparsers."""
-    import os
+    from ..training.registry import add_registry_argument
 
-    from ..training.registry import REGISTRY_ENV
-
-    env_root = os.environ.get(REGISTRY_ENV)
     p = subparsers.add_parser(
         "infer",
         help="phase-retrieve a stored scan (CXI file or Tiled run uid) with a registry model",
@@ -351,8 +348,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
         "stitch the phase and write it, with the per-frame patches, to a CXI file.",
     )
     p.add_argument("input", metavar="INPUT", help="CXI file, or the uid of a run in the configured Tiled")
-    p.add_argument("--registry", type=Path, default=Path(env_root) if env_root else None,
-                   required=not env_root, metavar="DIR", help=f"model registry folder (default: ${REGISTRY_ENV})")
+    add_registry_argument(p)
     p.add_argument("--out", type=Path, required=True, metavar="OUT.cxi", help="output CXI file")
     p.add_argument("--version", default=None, help="registry version (default: the deployed one)")
     p.add_argument("--engine", choices=("auto", "onnxruntime", "torch", "tensorrt"), default="auto")

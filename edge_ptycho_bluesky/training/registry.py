@@ -72,6 +72,7 @@ __all__ = [
     "OnnxInfo",
     "RegistryError",
     "WatchToken",
+    "add_registry_argument",
     "add_subcommand",
     "import_onnx",
     "inspect_onnx",
@@ -1149,16 +1150,10 @@ def import_onnx(
 # CLI
 
 
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``edge-ptycho import-onnx`` and ``edge-ptycho registry ACTION``.
-
-    ``ACTION`` is one of ``list``, ``show``, ``deploy``, ``rollback``.
-
-    The registry folder comes from ``--registry DIR`` or the ``EDGE_PTYCHO_REGISTRY`` variable.
-    """
+def add_registry_argument(parser: argparse.ArgumentParser) -> None:
+    """``--registry DIR``, defaulting to ``$EDGE_PTYCHO_REGISTRY`` (required when that is unset)."""
     env_root = os.environ.get(REGISTRY_ENV)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+    parser.add_argument(
         "--registry",
         type=Path,
         default=Path(env_root) if env_root else None,
@@ -1166,6 +1161,17 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
         metavar="DIR",
         help=f"model registry folder (default: ${REGISTRY_ENV})",
     )
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``edge-ptycho import-onnx`` and ``edge-ptycho registry ACTION``.
+
+    ``ACTION`` is one of ``list``, ``show``, ``deploy``, ``rollback``.
+
+    The registry folder comes from ``--registry DIR`` or the ``EDGE_PTYCHO_REGISTRY`` variable.
+    """
+    common = argparse.ArgumentParser(add_help=False)
+    add_registry_argument(common)
 
     imp = subparsers.add_parser(
         "import-onnx",

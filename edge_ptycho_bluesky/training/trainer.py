@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import json
 import logging
@@ -1342,9 +1341,8 @@ def load_labelled_scan_from_tiled(uid: str) -> LabelledScan:
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``edge-ptycho train``."""
-    from .registry import REGISTRY_ENV
+    from .registry import add_registry_argument
 
-    env_root = os.environ.get(REGISTRY_ENV)
     p = subparsers.add_parser(
         "train",
         help="train PtychoNN on labelled scans and publish it into the model registry",
@@ -1356,9 +1354,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
                    help="labelled scan files (edge_ptycho_bluesky.recon.labels)")
     p.add_argument("--scan", action="append", default=[], metavar="UID",
                    help="a stored scan to label and add (repeatable)")
-    p.add_argument("--registry", type=Path, default=Path(env_root) if env_root else None,
-                   required=not env_root, metavar="DIR",
-                   help=f"model registry folder (default: ${REGISTRY_ENV})")
+    add_registry_argument(p)
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="folder for curves and exports (default: a temporary folder)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
