@@ -213,11 +213,17 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
         cpu0 = (cpu_seconds(publisher.pid), cpu_seconds(worker.pid), cpu_seconds())
         rss0 = rss_mb(worker.pid)
         rss_peak = [rss0]
+        rss_series: list[tuple[float, float]] = []  # (s since go, MiB) every 5 s
         watching = threading.Event()
 
         def watch_rss() -> None:  # the worker's memory while frames stream in
+            t_go, next_sample = time.monotonic(), 0.0
             while not watching.wait(0.1):
-                rss_peak[0] = max(rss_peak[0], rss_mb(worker.pid))
+                rss = rss_mb(worker.pid)
+                rss_peak[0] = max(rss_peak[0], rss)
+                if time.monotonic() - t_go >= next_sample:
+                    rss_series.append((round(time.monotonic() - t_go, 1), rss))
+                    next_sample += 5.0
 
         watcher = threading.Thread(target=watch_rss, daemon=True)
         watcher.start()
@@ -292,6 +298,7 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
         "worker_rss_mb_before": rss0,
         "worker_rss_mb_peak": rss_peak[0],
         "worker_rss_mb_after": rss1,
+        "worker_rss_mb_series": rss_series,
         # CPU seconds per second of streaming: how much of the 2 cores each process took
         "cpu_publisher": (cpu1[0] - cpu0[0]) / max(span, 1e-9),
         "cpu_worker": (cpu1[1] - cpu0[1]) / max(span, 1e-9),

@@ -219,8 +219,19 @@ def upload_backups(client, config: StorageConfig | None = None) -> list[str]:
     return uploaded
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class TiledServer:
-    """The embedded catalog served over HTTP on 127.0.0.1 (a thread of this process).
+    """The embedded catalog served over HTTP (a thread of this process), on 127.0.0.1 by default.
 
     Writes and reads need the API key (``api_key``, generated when not given; never logged).
     Use it when other processes (the edge worker, retraining jobs) must reach the same catalog.
@@ -232,17 +243,33 @@ class TiledServer:
     port
         TCP port (0: any free port).
     api_key
-        Key clients must present (default: this process's random 128-bit key; see
-        ``_PROCESS_API_KEY``).
+        Key clients must present (default on loopback: this process's random 128-bit key; see
+        ``_PROCESS_API_KEY``).  Required, at least 16 characters, when ``host`` is not a
+        loopback address.
+    host
+        Interface to listen on (default ``127.0.0.1``).  Any other address exposes the catalog
+        to the network: do it only with a key you chose, and behind the facility's firewall.
+
+    Raises
+    ------
+    ValueError
+        A non-loopback ``host`` without an explicit ``api_key`` of at least 16 characters.
     """
 
-    def __init__(self, data_dir: str | Path, port: int = 0, api_key: str | None = None) -> None:
+    def __init__(self, data_dir: str | Path, port: int = 0, api_key: str | None = None,
+                 host: str = "127.0.0.1") -> None:
         import uvicorn
         from tiled.server.simple import ThreadedServer
 
+        if not _is_loopback(host) and (api_key is None or len(api_key) < 16):
+            raise ValueError(
+                f"TiledServer(host={host!r}) would expose the catalog beyond this machine: give an "
+                "api_key of at least 16 characters (e.g. `python -c 'import secrets; "
+                "print(secrets.token_hex(16))'`) that clients pass as EDGE_PTYCHO_TILED_API_KEY, "
+                "or keep the default host 127.0.0.1")
         self.api_key = api_key or _PROCESS_API_KEY
         app = build_tiled_app(embedded_catalog(data_dir), api_key=self.api_key)
-        self._server = ThreadedServer(uvicorn.Config(app, host="127.0.0.1", port=port, loop="asyncio",
+        self._server = ThreadedServer(uvicorn.Config(app, host=host, port=port, loop="asyncio",
                                                      log_level="warning"))
         self._cm = self._server.run_in_thread()
         self.uri = self._cm.__enter__()

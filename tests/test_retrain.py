@@ -476,3 +476,23 @@ def test_a_retry_after_a_lost_attempt_that_published_does_not_train_again(storag
     assert result.labels_source == "corpus" and "train" not in result.timings
     assert result.validation_ssim == 0.4 and result.policy_state["counts"]["trainings"] == 1
     assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
+
+
+def test_a_retrained_model_far_below_the_deployed_one_is_published_but_not_deployed(
+        RE, beamline, tiled_client, storage_config, tmp_path):
+    """The deployment gate (``max_ssim_drop``): here an impossible one, new SSIM >= deployed + 2."""
+    registry = deploy_tiny(tmp_path)
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    (uid,) = RE(labelled_scan(beamline, n=20))
+    cfg = job_config(tmp_path, storage_config, ALWAYS_RETRAIN, max_ssim_drop=-2.0)
+    result = run_retraining_job(JobRequest(uid, cfg, now=10.0, job_id="job-gate", attempt=1))
+    assert result.status == "retrained" and result.published_version == "v0002" and not result.deployed
+    assert "v0002 NOT deployed" in result.reason
+    assert registry.current().version == "v0001"          # the deployed model stays
+    assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
+    # a gate any model passes: the same job deploys its model
+    cfg = job_config(tmp_path / "open", storage_config, ALWAYS_RETRAIN, max_ssim_drop=2.0)
+    registry = deploy_tiny(tmp_path / "open")
+    result = run_retraining_job(JobRequest(uid, cfg, now=10.0, job_id="job-open", attempt=1))
+    assert result.deployed and "NOT deployed" not in result.reason
+    assert registry.current().version == "v0002"

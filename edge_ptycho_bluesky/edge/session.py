@@ -13,7 +13,9 @@ Environment variables (all optional):
     ``0``/``off``/``no``/``false`` disables edge inference in the session.
 ``EDGE_PTYCHO_EDGE_WORKER``
     ``embedded`` (default): start ``edge-ptycho worker --registry DIR`` as a child process on
-    loopback (:class:`~edge_ptycho_bluesky.edge.process.WorkerProcess`) and stop it at exit.  ``external``: use a worker already
+    loopback (:class:`~edge_ptycho_bluesky.edge.process.WorkerProcess`), restart it if it dies
+    (``edge.worker.restarts``; frames it missed are listed per run and ``edge.replay(uid)``
+    re-infers them) and stop it at exit.  ``external``: use a worker already
     running (started with ``edge-ptycho worker --registry DIR``) on the same channel names.
 ``EDGE_PTYCHO_REGISTRY``
     Model registry folder (default ``<data dir>/registry``); its deployed version is used and
@@ -182,7 +184,8 @@ class EdgeSession:
         self.worker_log = log_dir / "edge-worker.log"
         self.worker = WorkerProcess(
             registry=c.registry, channels=WorkerChannels(c.input_pv, c.output_pv, c.status_pv),
-            engine=c.engine, extra_args=["--log-level", "INFO"], log_path=self.worker_log)
+            engine=c.engine, extra_args=["--log-level", "INFO"], log_path=self.worker_log,
+            supervise=True)
         self.worker.start(timeout)  # RuntimeError with the worker's log if it does not start
         logger.info("edge worker started (registry %s, log %s)", c.registry, self.worker_log)
 
@@ -205,10 +208,17 @@ class EdgeSession:
         return self.stitch.results[uid]
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
-        """The worker's status (frames in, inferred, dropped by reason, latencies, model)."""
+        """The worker's status (frames in, inferred, dropped by reason, latencies, model).
+
+        With the embedded worker, ``worker_restarts`` counts the supervisor's restarts (the
+        worker's own counters start again from zero at each restart).
+        """
         from .transport import read_status
 
-        return read_status(self.config.status_pv, timeout=timeout)
+        status = read_status(self.config.status_pv, timeout=timeout)
+        if self.worker is not None:
+            status["worker_restarts"] = self.worker.restarts
+        return status
 
     def close(self) -> None:
         """Unsubscribe, flush the forwarder, stop the embedded worker, release the channels."""

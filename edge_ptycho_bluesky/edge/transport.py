@@ -454,6 +454,16 @@ class PvaFrameSource:
         self._handler: FrameHandler | None = None
         self._connected = False
         self._active = False
+        # Connection changes are only recorded by the pvAccess callback and handled by a
+        # watchdog thread (_watch): Python work inside pvapy's connection callback, or a new
+        # monitor started from it, crashed the interpreter in some runs.
+        self._events: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        self._updates = 0
+        self._watchdog: threading.Thread | None = None
+        self._retired: list[Any] = []  # pvapy channels replaced, kept alive (destroying one can crash)
+        self.connects = 0
+        self.disconnects = 0
+        self.resubscribes = 0
 
     @property
     def connected(self) -> bool:
@@ -461,10 +471,62 @@ class PvaFrameSource:
 
     def _on_connection(self, is_connected: bool) -> None:
         self._connected = bool(is_connected)
-        logger.info("input channel %s %s", self.channel_name,
-                    "connected" if is_connected else "disconnected")
+        self._events.put(bool(is_connected))
+
+    def _watch(self, silent_s: float = 1.0) -> None:
+        """Count and log connection changes; re-monitor when a reconnected monitor stays silent.
+
+        With pvapy 5.6, after the detector's pvAccess server restarts, the channel reconnects but
+        its monitor often delivers nothing more (a live monitor is handed the record's current
+        value on connecting), and monitoring again on the same channel object crashes: monitor
+        on a fresh channel object instead and keep the old one alive, stopped.
+        """
+        was_connected = False
+        pending: tuple[float, int] | None = None  # (reconnected at, updates then)
+        while self._active:
+            try:
+                connected = self._events.get(timeout=0.2)
+            except queue.Empty:
+                connected = None
+            if connected is True and not was_connected:
+                self.connects += 1
+                if self.connects == 1:
+                    logger.info("input channel %s connected", self.channel_name)
+                else:
+                    logger.warning("input channel %s reconnected (connection %d)", self.channel_name,
+                                   self.connects)
+                    pending = (time.monotonic(), self._updates)
+            elif connected is False and was_connected:
+                self.disconnects += 1
+                pending = None
+                logger.warning("input channel %s disconnected (the detector or its IOC stopped?): "
+                               "frames published meanwhile are lost upstream; waiting to reconnect",
+                               self.channel_name)
+            if connected is not None:
+                was_connected = connected
+            if pending is not None and time.monotonic() - pending[0] >= silent_s:
+                if self._updates == pending[1] and self._active:
+                    self.resubscribes += 1
+                    logger.warning("input channel %s: no update since it reconnected; monitoring "
+                                   "again on a fresh channel", self.channel_name)
+                    old = self._channel
+                    self._channel = self._monitor()
+                    try:
+                        old.stopMonitor()
+                    except Exception:
+                        logger.debug("stopMonitor failed on %s", self.channel_name, exc_info=True)
+                    self._retired.append(old)
+                pending = None
+
+    def _monitor(self) -> Any:
+        channel = _pva().Channel(self.channel_name)
+        channel.setConnectionCallback(self._on_connection)
+        channel.setMonitorMaxQueueLength(self.monitor_queue_length)
+        channel.monitor(self._on_update, _monitor_request(self.server_queue_size))
+        return channel
 
     def _on_update(self, pv: Any) -> None:
+        self._updates += 1
         handler = self._handler
         if handler is None or not self._active:
             return
@@ -496,17 +558,19 @@ class PvaFrameSource:
             logger.exception("frame handler raised for uniqueId %d", frame.unique_id)
 
     def start(self, handler: FrameHandler) -> None:
-        pva = _pva()
         self._handler = handler
         self._active = True
-        self._channel = pva.Channel(self.channel_name)
-        self._channel.setConnectionCallback(self._on_connection)
-        self._channel.setMonitorMaxQueueLength(self.monitor_queue_length)
-        self._channel.monitor(self._on_update, _monitor_request(self.server_queue_size))
+        self._channel = self._monitor()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name=f"pva-watch-{self.channel_name}")
+        self._watchdog.start()
         logger.info("monitoring %s (server queue %d)", self.channel_name, self.server_queue_size)
 
     def stop(self) -> None:
         self._active = False
+        if self._watchdog is not None:
+            self._watchdog.join(5.0)
+            self._watchdog = None
         if self._channel is not None:
             try:
                 self._channel.stopMonitor()
@@ -518,10 +582,13 @@ class PvaFrameSource:
     def stats(self) -> dict[str, int]:
         if self._channel is None:
             return {}
+        counts = {"connects": self.connects, "disconnects": self.disconnects,
+                  "resubscribes": self.resubscribes}
         try:
-            return {f"monitor_{k}": int(v) for k, v in self._channel.getMonitorCounters().items()}
+            counts.update({f"monitor_{k}": int(v) for k, v in self._channel.getMonitorCounters().items()})
         except Exception:
-            return {}
+            pass
+        return counts
 
 
 #: Typed fields of the status record; ``json`` holds the full status mapping.
@@ -675,6 +742,9 @@ class PatchSubscriber:
     errors : int
         Updates that failed to decode (other than the empty initial one) or callbacks that
         raised.
+    repeats : int
+        Patches skipped because their ``uniqueId`` equals the previous one on the channel: the
+        current value that pvAccess hands a monitor again when it reconnects.
     """
 
     def __init__(self, channels: str | Sequence[str], callback: Callable[[Patch], None], *,
@@ -693,6 +763,7 @@ class PatchSubscriber:
         self.received = 0
         self.gaps = 0
         self.errors = 0
+        self.repeats = 0
 
     def start(self) -> PatchSubscriber:
         """Connect and start monitoring; returns self."""
@@ -740,6 +811,12 @@ class PatchSubscriber:
             return
         with self._lock:
             last = self._last_id.get(name)
+            if patch.unique_id == last:
+                # a monitor that reconnects is handed the channel's current value again
+                self.repeats += 1
+                logger.debug("patch uniqueId %d on %s delivered again (reconnection): skipped",
+                             patch.unique_id, name)
+                return
             if last is not None and patch.unique_id > last + 1:
                 self.gaps += patch.unique_id - last - 1
             self._last_id[name] = patch.unique_id

@@ -246,6 +246,17 @@ def _required(f: Any, path_in_file: str, file: Path) -> Any:
     return f[path_in_file][()]
 
 
+def _positive_number(value: Any, path_in_file: str, file: Path) -> float:
+    """A dataset that must hold one finite positive number (a scalar or a 1-element array)."""
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind not in "iuf":
+        raise ValueError(f"{file}: {path_in_file} must be one number, got {array.dtype} of shape {array.shape}")
+    number = float(array.reshape(()))
+    if not np.isfinite(number) or number <= 0:
+        raise ValueError(f"{file}: {path_in_file} must be a positive finite number, got {number!r}")
+    return number
+
+
 def read_cxi(path: str | Path) -> PtychoScan:
     """Read a scan from a CXI file.
 
@@ -273,25 +284,32 @@ def read_cxi(path: str | Path) -> PtychoScan:
         data_path = DATA if DATA in f else DETECTOR_DATA
         frames = np.asarray(_required(f, data_path, path))
         trans_path = TRANSLATION if TRANSLATION in f else DATA_TRANSLATION
-        translation = np.asarray(_required(f, trans_path, path), dtype=np.float64)
-        distance = float(_required(f, DISTANCE, path))
-        x_pixel = float(_required(f, X_PIXEL, path))
-        y_pixel = float(f[Y_PIXEL][()]) if Y_PIXEL in f else x_pixel
-        energy_j = float(_required(f, ENERGY, path))
+        translation = np.asarray(_required(f, trans_path, path))
+        distance = _positive_number(_required(f, DISTANCE, path), DISTANCE, path)
+        x_pixel = _positive_number(_required(f, X_PIXEL, path), X_PIXEL, path)
+        y_pixel = _positive_number(f[Y_PIXEL][()], Y_PIXEL, path) if Y_PIXEL in f else x_pixel
+        energy_j = _positive_number(_required(f, ENERGY, path), ENERGY, path)
         probe = np.asarray(f[ILLUMINATION][()]) if ILLUMINATION in f else None
         uid = f[UID][()] if UID in f else None
-    if frames.ndim != 3:
-        raise ValueError(f"{path}: {data_path} must be (N, H, W), got {frames.shape}")
+    if frames.ndim != 3 or frames.dtype.kind not in "iuf" or 0 in frames.shape:
+        raise ValueError(f"{path}: {data_path} must be a non-empty numeric (N, H, W) array, got "
+                         f"{frames.dtype} of shape {frames.shape}")
+    if translation.dtype.kind not in "iuf":
+        raise ValueError(f"{path}: {trans_path} must be numeric, got {translation.dtype}")
+    translation = translation.astype(np.float64)
     if translation.ndim != 2 or translation.shape[1] not in (2, 3) or len(translation) != len(frames):
         raise ValueError(f"{path}: {trans_path} must be ({len(frames)}, 3), got {translation.shape}")
     if abs(x_pixel - y_pixel) > 1e-6 * x_pixel:
         raise ValueError(f"{path}: non-square detector pixels ({x_pixel} x {y_pixel} m) are not supported")
     if isinstance(uid, bytes):
         uid = uid.decode()
-    geometry = Geometry(energy_kev=energy_j / EV_J / 1e3, detector_distance_m=distance,
-                        detector_pixel_m=x_pixel, frame_size=int(frames.shape[-1]))
-    return PtychoScan(frames=frames, positions_m=translation[:, :2], geometry=geometry,
-                      probe=probe, uid=None if uid is None else str(uid))
+    try:
+        geometry = Geometry(energy_kev=energy_j / EV_J / 1e3, detector_distance_m=distance,
+                            detector_pixel_m=x_pixel, frame_size=int(frames.shape[-1]))
+        return PtychoScan(frames=frames, positions_m=translation[:, :2], geometry=geometry,
+                          probe=probe, uid=None if uid is None else str(uid))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a usable CXI ptychography scan: {exc}") from exc
 
 
 def read_reconstruction(path: str | Path) -> CXIReconstruction:

@@ -99,6 +99,10 @@ class JobConfig:
         for the warm start.
     ssim_floor : float
         Published validation SSIMs are clipped to ``[ssim_floor, 1]`` (the registry wants (0, 1]).
+    max_ssim_drop : float
+        Deployment gate: a retrained model whose stitched SSIM against the scan's labels is more
+        than this below the deployed model's SSIM on the same labels is published (for
+        inspection) but not deployed; the deployed model stays.
     reuse_stored_labels : bool
         Take the scan's labels from Tiled (a derived run ``purpose="rpie_labels"``, see
         :func:`edge_ptycho_bluesky.recon.labels.find_labels`) when there are some, instead of
@@ -117,6 +121,7 @@ class JobConfig:
     model_name: str = "ptychonn2"
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)
     ssim_floor: float = 1e-6
+    max_ssim_drop: float = 0.05
     reuse_stored_labels: bool = True
 
     def __post_init__(self) -> None:
@@ -218,6 +223,8 @@ class JobResult:
         ``publish``, ``total``).
     worker : str
         ``host:pid`` of the process that ran the job.
+    deployed : bool
+        False when the published version failed the deployment gate (``max_ssim_drop``).
     """
 
     job_id: str
@@ -238,11 +245,16 @@ class JobResult:
     rpie_final_error: float | None
     timings: dict[str, float]
     worker: str
+    deployed: bool = True
 
     @property
     def reason(self) -> str:
-        """The policy's explanation."""
-        return str(self.decision.get("reason", ""))
+        """The policy's explanation (and the deployment gate's, when it held a model back)."""
+        reason = str(self.decision.get("reason", ""))
+        if self.published_version and not self.deployed:
+            reason += (f"; {self.published_version} NOT deployed: its SSIM {self.validation_ssim:.3f} is more "
+                       f"than the gate below the deployed model's {self.ssim:.3f}")
+        return reason
 
     @property
     def labels_reused(self) -> bool:
@@ -493,6 +505,7 @@ def run_retraining_job(request: JobRequest) -> JobResult:
     ssim_value: float | None = None
     published: str | None = None
     validation_ssim: float | None = None
+    deployed = True
     earlier = _published_by_this_job(mv, request)
     if earlier is not None:
         # An earlier attempt of this job published ``mv`` and was lost before it reported (the
@@ -532,8 +545,13 @@ def run_retraining_job(request: JobRequest) -> JobResult:
         t = time.perf_counter()
         quality = trainer.evaluate(labelled)
         validation_ssim = _clip(quality.stitched_ssim, cfg.ssim_floor)
+        deployed = ssim_value is None or quality.stitched_ssim >= ssim_value - cfg.max_ssim_drop
+        if not deployed:
+            logger.warning("retraining job %s: the new model's SSIM %.3f is more than %.3f below the deployed "
+                           "%s's %.3f on scan %s: publishing it without deploying", request.job_id,
+                           quality.stitched_ssim, cfg.max_ssim_drop, mv_before, ssim_value, uid)
         new = trainer.export_and_publish(
-            registry, validation_ssim=validation_ssim,
+            registry, validation_ssim=validation_ssim, deploy=deployed,
             notes=f"retraining job {request.job_id}: {decision.action} after scan {uid}",
             extra={"job_id": request.job_id, "trigger_scan": uid, "decision": decision.to_dict(),
                    "validation_scan": uid, "validation_held_out": False},
@@ -548,7 +566,7 @@ def run_retraining_job(request: JobRequest) -> JobResult:
         model_before=mv_before, published_version=published,
         validation_ssim=validation_ssim, n_frames=len(labelled), corpus_scans=len(corpus),
         corpus_frames=corpus.n_frames, labels_file=labels_file, labels_source=source,
-        rpie_final_error=rpie_error, timings=timings, worker=worker,
+        rpie_final_error=rpie_error, timings=timings, worker=worker, deployed=deployed,
     )
     logger.info("retraining job %s for scan %s: %s (%s)%s", request.job_id, uid, result.status,
                 result.reason, f"; published {published}" if published else "")
