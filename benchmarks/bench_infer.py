@@ -42,6 +42,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from records import record, write_json  # noqa: E402  (benchmarks/records.py)
 from edge_ptycho_bluesky.model import (  # noqa: E402
     OnnxRuntimeEngine,
     TorchEngine,
@@ -95,6 +96,28 @@ def measure(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: floa
     return best_fps, best_median
 
 
+def make_int8(exported: Path, tmp: Path, agreement_out: dict[str, float]) -> Path:
+    """Quantize ``exported`` to int8, calibrated on half of the real frames (``test235``, mean-binned
+    to 128 x 128 as the paper's network expects); its agreement with float32 on the other half."""
+    from edge_ptycho_bluesky.model import OnnxRuntimeEngine, preprocess
+    from edge_ptycho_bluesky.model.quantize import agreement, quantize_int8
+
+    real = ROOT.parent / "shared" / "data" / "test235_truncated.npz"
+    if real.is_file():
+        x = preprocess(np.load(real)["reciprocal"], reduce="mean")
+        source = "real frames test235, mean-binned 4 x 4"
+    else:
+        rng = np.random.default_rng(0)
+        x = rng.poisson(20.0, (20, 1, 128, 128)).astype(np.float32)
+        source = "Poisson noise frames (real frames absent)"
+    half = len(x) // 2
+    path = quantize_int8(exported, tmp / "ptychonn2_int8.onnx", x[:half])
+    ref = OnnxRuntimeEngine(exported, intra_op_threads=2).infer(x[half:])
+    q = OnnxRuntimeEngine(path, intra_op_threads=2).infer(x[half:])
+    agreement_out.update(agreement(ref, q), frames=len(x) - half, source=source)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short runs (1 s x 2 repeats)")
@@ -102,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="intra-op threads to try")
     parser.add_argument("--seconds", type=float, default=3.0, help="minimum time per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="measurements per point; the best is reported")
+    parser.add_argument("--json", type=Path, default=None, help="write the records (bench.json format) here")
     parser.add_argument(
-        "--engines", nargs="+", default=["onnxruntime/exported", "onnxruntime/paper-b8", "torch-cpu", "torch-cuda", "tensorrt-fp16"]
+        "--engines", nargs="+",
+        default=["onnxruntime/exported", "onnxruntime/int8", "onnxruntime/paper-b8", "torch-cpu", "torch-cuda",
+                 "tensorrt-fp16"]
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -134,13 +160,25 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
 
     def row(name: str, threads: object, batch: int, fps: float, median: float) -> None:
+        record("infer", engine=name, model=model_file.get(name, "ptychonn2 (paper weights, dynamic batch)"),
+               batch=batch, threads=threads, fps=fps, latency_p50_ms=median, gflop_per_s=fps * gflop,
+               ssim=int8_agreement.get("ssim") if name.endswith("int8") else None)
         print(f"| {name} | {threads} | {batch} | {fps:,.0f} | {1e3 / fps:.2f} | {median:.1f} | {fps * gflop:.0f} |",
               flush=True)
 
+    model_file = {"onnxruntime/paper-b8": PAPER_ONNX.name,
+                  "onnxruntime/int8": "ptychonn2 int8 (static, QDQ, calibrated on real frames)"}
+    int8_agreement: dict[str, float] = {}
+    if "onnxruntime/int8" in args.engines:
+        int8_path = make_int8(exported, tmp, int8_agreement)
+        print(f"# int8 model vs float32 on held-out frames: mean SSIM {int8_agreement['ssim']:.4f}, max "
+              f"|difference| {int8_agreement['max_abs_rad']:.3f} rad ({int8_agreement['frames']} frames, "
+              f"{int8_agreement['source']})")
     default_threads = torch.get_num_threads()
     for name in args.engines:
         if name.startswith("onnxruntime"):
-            path = exported if name.endswith("exported") else PAPER_ONNX
+            path = {"onnxruntime/exported": exported, "onnxruntime/paper-b8": PAPER_ONNX}.get(name)
+            path = int8_path if name.endswith("int8") else path
             if not path.is_file():
                 print(f"| {name} | - | - | skipped: {path} absent | | | |")
                 continue
@@ -176,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {name} | - | - | unknown engine | | | |")
     print()
     print(f"# load average after: {os.getloadavg()}")
+    write_json(args.json)
     return 0
 
 

@@ -43,6 +43,8 @@ from edge_ptycho_bluesky.sim import (
     step_for_overlap,
 )
 
+from records import record, write_json  # noqa: E402  (benchmarks/records.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 IMAGES = ROOT / "docs" / "images"
@@ -91,6 +93,8 @@ def bench_throughput(iterations: int) -> None:
         t = np.array(times)
         rows.append([label, len(frames), iterations, float(np.median(t)) * 1e3, float(t.min()) * 1e3,
                      len(frames) / float(np.median(t)), len(frames) / float(t.min())])
+        record("rpie", engine=f"rpie ({label})", batch=len(frames), fps=len(frames) / float(np.median(t)),
+               latency_p50_ms=float(np.median(t)) * 1e3, unit="frame-updates/s")
     table(f"(a) rPIE throughput, {'paper route' if route.exists() else 'Fermat spiral'} of {len(xy)} points, "
           f"50 nm step, 128 x 128 frames, object {sample.transmission.shape} (per-iteration times; the "
           "best one is the least disturbed by other jobs)",
@@ -108,6 +112,9 @@ def bench_overlap(points: int, iterations: int) -> list[list[object]]:
         scores = compare(sample.phase, result.phase, result.scanned_mask(0.3))
         rows.append([overlap, round(step * 1e3, 1), points, scores["ssim"], scores["pearson"], scores["rms"],
                      float(result.errors[-1]), result.time_s])
+        record("rpie", engine=f"rpie vs truth, overlap {overlap}", batch=points,
+               fps=points * iterations / result.time_s, ssim=scores["ssim"], pearson=scores["pearson"],
+               overlap=overlap, unit="frame-updates/s")
     table(f"(b) rPIE vs truth by overlap ({points} points, {iterations} iterations, modelled-probe start, "
           "probe refined; pixels lit above 30 % of the maximum)",
           ["overlap", "step nm", "frames", "SSIM", "Pearson", "RMS rad", "final error", "time s"], rows)
@@ -206,11 +213,15 @@ def bench_siemens(iterations: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IMAGES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller scans and fewer iterations")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: a,b,c,d")
+    parser.add_argument("--json", default=None, help="write the records (bench.json format) here")
+    parser.add_argument("--images", type=Path, default=IMAGES, help=f"where the pictures go (default {IMAGES})")
     args = parser.parse_args(argv)
+    IMAGES = args.images
     torch.set_num_threads(args.threads)
     skip = set(filter(None, args.skip.split(",")))
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
@@ -231,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     print(f"\ntotal {time.perf_counter() - start:.0f} s; load average at the end "
           f"{', '.join(f'{v:.2f}' for v in load)}")
+    write_json(args.json)
     return 0
 
 

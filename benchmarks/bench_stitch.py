@@ -29,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from edge_ptycho_bluesky.metrics import compare, frc_resolution, scanned_mask
+from records import record as bench_record, write_json  # benchmarks/records.py
 from edge_ptycho_bluesky.stitching import (
     IncrementalStitcher,
     _bincount_accumulate,
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="256 points, 2 repeats")
     parser.add_argument("--points", type=int, default=None, help="scan points (default 963)")
     parser.add_argument("--repeat", type=int, default=None, help="repeats, best is kept")
+    parser.add_argument("--json", default=None, help="write the records (bench.json format) here")
     args = parser.parse_args(argv)
     n = args.points or (256 if args.quick else 963)
     repeat = args.repeat or (2 if args.quick else 3)
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def record(label: str, grid: str, seconds: float, count: int) -> None:
         rows.append((label, grid, count / seconds, seconds / count * 1e6))
+        bench_record("stitch", engine=label, batch=count, fps=count / seconds, grid=grid)
 
     for name, step in (("overlap 0.9", 7.4), ("no overlap", 68.0)):
         pos = fermat_spiral(n, step)
@@ -150,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| {label:<52} | {t_big * 1e3:>9.2f} |")
     print(f"| {'compare() (ssim, pearson, rms) on scanned_mask':<52} | {t_cmp * 1e3:>9.2f} |")
     print(f"| {'frc_resolution() on scanned_mask':<52} | {t_frc * 1e3:>9.2f} |")
+    write_json(args.json)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -49,6 +48,7 @@ SHARED_MODEL = ROOT.parent / "shared" / "data" / "ptychoNN_8.onnx"
 sys.path.insert(0, str(ROOT))
 
 from edge_ptycho_bluesky.edge.transport import loopback_env  # noqa: E402
+from records import machine, write_json  # noqa: E402  (benchmarks/records.py)
 
 loopback_env()  # before any pvapy object, in every role
 
@@ -87,18 +87,6 @@ def run_publisher(channel: str, rate: float, count: int, seed: int = 0) -> int:
 
 
 # -- orchestration ----------------------------------------------------------------------------
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, no GPU used (CPU shared with other users)"
-
 
 def cpu_seconds(pid: int | None = None) -> float:
     """User + system CPU seconds of a process (this one when None), from /proc."""
@@ -274,6 +262,7 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
     reasons = {k: v for k, v in final["dropped"].items() if k != "empty"}
     return {
         "name": "stream",
+        "ssim": None,
         "engine": final.get("engine"),
         "model": model.name,
         "batch": args.batch,
@@ -380,8 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             print_table([rec], header=len(records) == 1)
     print()
     print_table(records)
-    if args.json is not None:
-        args.json.write_text(json.dumps(records, indent=2))
+    write_json(args.json, records)
     return 0
 
 

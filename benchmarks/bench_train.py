@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from edge_ptycho_bluesky.metrics import compare, scanned_mask, ssim
+from records import record, write_json  # benchmarks/records.py
 from edge_ptycho_bluesky.recon.labels import (LabelledScan, extract_labels, labels_from_reconstruction,
                                               load_corpus, save_corpus)
 from edge_ptycho_bluesky.recon.rpie import rpie
@@ -301,6 +302,10 @@ def accuracy(args: argparse.Namespace) -> int:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     np.savez_compressed(args.out / "test_images.npz", truth=truth, rpie=reference, ai=ai, mask=mask)
+    record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model="ptychonn2",
+           batch=args.batch_size, fps=result.samples_per_s, ssim=ai_vs_rpie["ssim"], unit="samples/s",
+           train_frames=trainer.corpus.n_frames, epochs=args.epochs, train_s=result.time_s)
+    write_json(args.json)
     return 0
 
 
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_train_out"))
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    p.add_argument("--json", type=Path, default=None, help="write the records (bench.json format) here")
     p.add_argument("--accuracy", action="store_true",
                    help="the issue's accuracy claim: one increment, 10 ms, overlap 0.9 (see above)")
     p.add_argument("--cache", type=Path, default=None,
@@ -444,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
         "total_s": total_s,
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    for row in rows:
+        record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model="ptychonn2",
+               batch=args.batch_size, fps=row["samples_per_s"], ssim=row["ssim_vs_rpie"], unit="samples/s",
+               train_frames=row["corpus_frames"], epochs=row["epochs"], train_s=row["train_s"])
+    write_json(args.json)
     return 0
 
 

@@ -17,6 +17,7 @@ SUBCOMMAND_MODULES = (
     "edge_ptycho_bluesky.edge.worker",
     "edge_ptycho_bluesky.recon.cli",
     "edge_ptycho_bluesky.model.infer_cli",
+    "edge_ptycho_bluesky.bench_cli",
 )
 
 

@@ -187,7 +187,8 @@ class OnnxRuntimeEngine:
 
         self.path = Path(path)
         proto = read_onnx(self.path)
-        info = inspect_onnx(proto)
+        # the default-domain opset (not inspect_onnx: quantized QDQ graphs are served too)
+        opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
         del proto
         self.sha256 = _sha256(self.path)
         options = ort.SessionOptions()
@@ -218,7 +219,7 @@ class OnnxRuntimeEngine:
         )
         self.max_batch: int | None = self.fixed_batch
         self.name = "onnxruntime"
-        self.opset = info.opset
+        self.opset = opset
         logger.info(
             "ONNX Runtime engine %s: input %s %s, output %s, providers %s",
             self.path.name, self.input_name, dims, self.output_name, self._session.get_providers(),
