@@ -476,10 +476,12 @@ class PvaFrameSource:
     def _watch(self, silent_s: float = 1.0) -> None:
         """Count and log connection changes; re-monitor when a reconnected monitor stays silent.
 
-        With pvapy 5.6, after the detector's pvAccess server restarts, the channel reconnects but
-        its monitor often delivers nothing more (a live monitor is handed the record's current
-        value on connecting), and monitoring again on the same channel object crashes: monitor
-        on a fresh channel object instead and keep the old one alive, stopped.
+        With pvapy 5.6 the monitor stayed silent after the detector's server restarted while the
+        connection callback did Python work; with the callback reduced to a queue put it resumes
+        (a live monitor is handed the record's current value on connecting).  As a safeguard, a
+        reconnected monitor that delivers nothing for ``silent_s`` is replaced by one on a fresh
+        channel object (monitoring again on the same object crashes); the old one is kept alive,
+        stopped.
         """
         was_connected = False
         pending: tuple[float, int] | None = None  # (reconnected at, updates then)
