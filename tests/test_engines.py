@@ -280,3 +280,18 @@ def test_int8_quantization_calibrated_on_real_frames_agrees_with_float32(paper_m
     score = agreement(ref, q)
     assert q.shape == (10, 128, 128) and score["ssim"] > 0.9, score
     assert not np.array_equal(ref, q)                                 # it really is another model
+
+
+def test_model_quantize_command(paper_model, tmp_path):
+    from edge_ptycho_bluesky.cli import main
+
+    real = SHARED_DATA / "test235_truncated.npz"
+    if not real.is_file():
+        pytest.skip(f"real frames {real} absent")
+    exported = export_onnx(paper_model, tmp_path / "float.onnx")
+    out = tmp_path / "int8" / "model.onnx"
+    assert main(["model", "quantize", str(exported), str(real), "--key", "reciprocal", "--reduce", "mean",
+                 "--out", str(out)]) == 0
+    x = np.load(real)["reciprocal"][:2]
+    from edge_ptycho_bluesky.model import preprocess
+    assert OnnxRuntimeEngine(out, intra_op_threads=1).infer(preprocess(x, reduce="mean")).shape == (2, 128, 128)
