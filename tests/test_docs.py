@@ -14,7 +14,8 @@ def test_the_docs_site_builds_strictly(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "index.html").exists()
-    for page in ("concepts", "beamline", "configuration", "benchmarks", "reliability", "executors", "troubleshooting"):
+    for page in ("concepts", "beamline", "configuration", "results", "benchmarks", "reliability", "executors",
+                 "troubleshooting"):
         assert (tmp_path / page / "index.html").exists(), page
     assert (tmp_path / "reliability" / "index.html").read_text().count("<table>") >= 2
     assert (tmp_path / "images" / "overlap_curve.png").exists()
