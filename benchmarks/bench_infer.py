@@ -99,8 +99,8 @@ def measure(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: floa
 def make_int8(exported: Path, tmp: Path, agreement_out: dict[str, float]) -> Path:
     """Quantize ``exported`` to int8, calibrated on half of the real frames (``test235``, mean-binned
     to 128 x 128 as the paper's network expects); its agreement with float32 on the other half."""
-    from edge_ptycho_bluesky.model import OnnxRuntimeEngine, preprocess
-    from edge_ptycho_bluesky.model.quantize import agreement, quantize_int8
+    from edge_ptycho_bluesky.model import preprocess
+    from edge_ptycho_bluesky.model.quantize import quantize_and_check
 
     real = ROOT.parent / "shared" / "data" / "test235_truncated.npz"
     if real.is_file():
@@ -110,11 +110,8 @@ def make_int8(exported: Path, tmp: Path, agreement_out: dict[str, float]) -> Pat
         rng = np.random.default_rng(0)
         x = rng.poisson(20.0, (20, 1, 128, 128)).astype(np.float32)
         source = "Poisson noise frames (real frames absent)"
-    half = len(x) // 2
-    path = quantize_int8(exported, tmp / "ptychonn2_int8.onnx", x[:half])
-    ref = OnnxRuntimeEngine(exported, intra_op_threads=2).infer(x[half:])
-    q = OnnxRuntimeEngine(path, intra_op_threads=2).infer(x[half:])
-    agreement_out.update(agreement(ref, q), frames=len(x) - half, source=source)
+    path, score = quantize_and_check(exported, tmp / "ptychonn2_int8.onnx", x)
+    agreement_out.update(score, source=source)
     return path
 
 
@@ -172,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if "onnxruntime/int8" in args.engines:
         int8_path = make_int8(exported, tmp, int8_agreement)
         print(f"# int8 model vs float32 on held-out frames: mean SSIM {int8_agreement['ssim']:.4f}, max "
-              f"|difference| {int8_agreement['max_abs_rad']:.3f} rad ({int8_agreement['frames']} frames, "
+              f"|difference| {int8_agreement['max_abs_rad']:.3f} rad ({int8_agreement['frames']:.0f} frames, "
               f"{int8_agreement['source']})")
     default_threads = torch.get_num_threads()
     for name in args.engines:

@@ -13,9 +13,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-#: The fields every record has (the ``bench.json`` contract).
-FIELDS = ("name", "engine", "model", "batch", "rate", "frames_published", "frames_inferred", "drops", "fps",
-          "latency_p50_ms", "latency_p99_ms", "ssim", "machine")
+from edge_ptycho_bluesky.bench_cli import FIELDS  # the bench.json contract, defined once
 
 RECORDS: list[dict[str, Any]] = []
 

@@ -686,11 +686,11 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
     """
     import os
 
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig, switched_off
     from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.trainer import TrainConfig
 
-    if os.environ.get(ENV_RETRAIN, "1").strip().lower() in ("0", "no", "off", "false"):
+    if switched_off(os.environ.get(ENV_RETRAIN)):
         logger.info("retraining is off (%s=0)", ENV_RETRAIN)
         return None
     epochs_text = os.environ.get(ENV_EPOCHS, "50")

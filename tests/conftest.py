@@ -100,3 +100,15 @@ def tiny_onnx(path: Path, scale: float) -> Path:
     model.ir_version = 8
     onnx.save(model, path)
     return path
+
+
+def wait_until(predicate, timeout: float = 10.0, period: float = 0.01) -> bool:
+    """Poll ``predicate`` until it is true or ``timeout`` s have passed; its last value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(period)
+    return bool(predicate())

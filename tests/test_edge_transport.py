@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from typing import Any
 
@@ -34,19 +33,12 @@ from edge_ptycho_bluesky.edge.transport import (  # noqa: E402
     read_status,
 )
 
+from .conftest import wait_until as _wait  # noqa: E402
+
 
 def _name(kind: str) -> str:
     """A channel name no other test (or developer on this machine) uses."""
     return f"test:{uuid.uuid4().hex[:10]}:{kind}"
-
-
-def _wait(predicate: Any, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 class Collector:

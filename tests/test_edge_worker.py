@@ -14,7 +14,6 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,8 @@ from edge_ptycho_bluesky.edge.worker import (  # noqa: E402
 )
 from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402
 
+from .conftest import wait_until as _wait  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ORT = engine_factory("onnxruntime", threads=1)
 
@@ -76,15 +77,6 @@ def frames_u16(n: int, seed: int = 0, shape: tuple[int, int] = (128, 128)) -> np
 
 def _name(kind: str) -> str:
     return f"test:{uuid.uuid4().hex[:10]}:{kind}"
-
-
-def _wait(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return bool(predicate())
 
 
 def accounted(stats: Any) -> int:

@@ -43,7 +43,7 @@ from edge_ptycho_bluesky.storage import (  # noqa: E402
 )
 from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402
 
-from .conftest import tiny_onnx  # noqa: E402
+from .conftest import tiny_onnx, wait_until as _wait  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,15 +51,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _names(prefix: str) -> tuple[str, str, str]:
     tag = uuid.uuid4().hex[:8]
     return tuple(f"{prefix}:{tag}:{k}" for k in ("frames", "phase", "status"))  # type: ignore[return-value]
-
-
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return bool(predicate())
 
 
 # ---------------------------------------------------------------------------------------------

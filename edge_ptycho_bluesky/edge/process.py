@@ -103,7 +103,6 @@ class WorkerProcess:
         self.supervise = supervise
         self.max_restarts = int(max_restarts)
         self.restart_window = float(restart_window)
-        self.restarts = 0
         self.exits: list[dict[str, Any]] = []
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -113,6 +112,11 @@ class WorkerProcess:
     def running(self) -> bool:
         proc = self._proc
         return proc is not None and proc.poll() is None
+
+    @property
+    def restarts(self) -> int:
+        """Times the supervisor restarted the worker."""
+        return sum(1 for e in self.exits if e["restarted"])
 
     @property
     def pid(self) -> int | None:
@@ -195,7 +199,6 @@ class WorkerProcess:
                 except RuntimeError as exc:
                     logger.error("edge worker restart failed: %s", exc)
                     continue
-                self.restarts += 1
                 exit_info["restarted"] = True
 
     def stop(self, timeout: float = 30.0) -> dict[str, Any]:

@@ -52,6 +52,11 @@ ENV_STATUS = "EDGE_PTYCHO_EDGE_STATUS"
 ENV_ENGINE = "EDGE_PTYCHO_EDGE_ENGINE"
 
 _OFF = {"0", "off", "no", "false", "disable", "disabled"}
+
+
+def switched_off(value: str | None) -> bool:
+    """True for the values that turn a feature off (``0``, ``off``, ``no``, ``false``...)."""
+    return value is not None and value.strip().lower() in _OFF
 _NON_GUI_BACKENDS = {"agg", "pdf", "ps", "svg", "pgf", "cairo", "template"}
 
 
@@ -88,7 +93,7 @@ class EdgeSessionConfig:
         """Read the ``EDGE_PTYCHO_EDGE*`` / ``EDGE_PTYCHO_REGISTRY`` variables (module docstring)."""
         env = os.environ
         registry = env.get(ENV_REGISTRY) or str(Path(data_dir) / "registry")
-        return cls(enabled=env.get(ENV_ENABLE, "1").strip().lower() not in _OFF,
+        return cls(enabled=not switched_off(env.get(ENV_ENABLE)),
                    worker=env.get(ENV_WORKER, "embedded").strip().lower() or "embedded",
                    registry=Path(registry).expanduser(),
                    input_pv=env.get(ENV_INPUT) or DEFAULT_INPUT_PV,

@@ -137,17 +137,16 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .engines import OnnxRuntimeEngine
     from .preprocess import preprocess
-    from .quantize import agreement, quantize_int8
+    from .quantize import quantize_and_check
 
     x = preprocess(_load_frames(args.frames, args.key), reduce=args.reduce, crop_to=args.crop_to, scale=args.scale)
-    if len(x) < 2:
-        raise SystemExit("edge-ptycho model quantize: give at least 2 frames (half calibrate, half check)")
-    half = len(x) // 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    path = quantize_int8(args.model, args.out, x[:half])
-    score = agreement(OnnxRuntimeEngine(args.model).infer(x[half:]), OnnxRuntimeEngine(path).infer(x[half:]))
-    print(f"wrote {path}: calibrated on {half} frames; on the other {len(x) - half} its phase agrees with "
-          f"float32 to mean SSIM {score['ssim']:.4f} (largest difference {score['max_abs_rad']:.3f} rad)")
+    try:
+        path, score = quantize_and_check(args.model, args.out, x)
+    except ValueError as exc:
+        raise SystemExit(f"edge-ptycho model quantize: {exc}") from None
+    print(f"wrote {path}: calibrated on {len(x) - int(score['frames'])} frames; on the other "
+          f"{int(score['frames'])} its phase agrees with float32 to mean SSIM {score['ssim']:.4f} "
+          f"(largest difference {score['max_abs_rad']:.3f} rad)")
     return 0

@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["agreement", "quantize_int8"]
+__all__ = ["agreement", "quantize_and_check", "quantize_int8"]
 
 
 def quantize_int8(model: str | Path, out: str | Path, calibration: NDArray[np.float32], *,
@@ -76,6 +76,27 @@ def quantize_int8(model: str | Path, out: str | Path, calibration: NDArray[np.fl
                         weight_type=QuantType.QInt8)
     logger.info("int8 model %s from %s, calibrated on %d frames", out, model, len(calibration))
     return out
+
+
+def quantize_and_check(model: str | Path, out: str | Path,
+                       inputs: NDArray[np.float32]) -> tuple[Path, dict[str, float]]:
+    """Quantize ``model`` calibrated on the first half of ``inputs``; its :func:`agreement` with
+    the float model on the other half (plus ``"frames"``, the number compared).
+
+    Raises
+    ------
+    ValueError
+        Fewer than 2 inputs (nothing would be left to check), or as :func:`quantize_int8`.
+    """
+    from .engines import OnnxRuntimeEngine
+
+    if len(inputs) < 2:
+        raise ValueError(f"give at least 2 frames (half calibrate, half check), got {len(inputs)}")
+    half = len(inputs) // 2
+    path = quantize_int8(model, out, inputs[:half])
+    held_out = inputs[half:]
+    score = agreement(OnnxRuntimeEngine(model).infer(held_out), OnnxRuntimeEngine(path).infer(held_out))
+    return path, {**score, "frames": float(len(held_out))}
 
 
 def agreement(float_phase: NDArray[np.float32], int8_phase: NDArray[np.float32]) -> dict[str, float]:
