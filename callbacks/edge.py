@@ -63,12 +63,21 @@ def _motor_fields(start: dict[str, Any]) -> tuple[str, str]:
     return motors[0], motors[1]
 
 
+#: A value stored in an HDF5 file: (path, dataset, index).
+_Stored = tuple[Path, str, int]
+
+
 class FrameForwarder(IsolatedCallback):
-    """Send every frame of a step scan to the edge worker.
+    """Send every frame of a scan to the edge worker.
 
     Frames are paired with positions in order: the k-th frame announced by StreamDatum documents
     with the k-th event, so the same callback serves live runs and runs replayed from Tiled (where
-    stream datums come consolidated).
+    stream datums come consolidated). In fly scans the positions are stream data too (the motor
+    fields' StreamDatums): the k-th frame goes with the k-th recorded position.
+
+    A fly scan whose detector streamed its frames over pvAccess itself
+    (``start["edge_ptycho"]["streamed_to"]``) is left alone, since the worker has had its frames
+    already; set ``forward_streamed`` (as :meth:`EdgeSession.replay` does) to send them again.
 
     Parameters
     ----------
@@ -81,11 +90,15 @@ class FrameForwarder(IsolatedCallback):
         Frames waiting to be sent; beyond it a frame is dropped and counted (``dropped``).
     read_timeout
         Seconds to wait for a frame to become visible in the HDF5 file.
+    forward_streamed
+        Forward runs whose detector streamed the frames itself (replays of fly scans).
     """
 
     def __init__(self, publisher: FramePublisherLike, *, image_key: str | None = None, queue_size: int = 4096,
-                 read_timeout: float = 5.0) -> None:
+                 read_timeout: float = 5.0, forward_streamed: bool = False) -> None:
         super().__init__()
+        self.forward_streamed = forward_streamed
+        self.skipped_runs = 0
         self.publisher = publisher
         self._image_key_default = image_key
         self.read_timeout = read_timeout
@@ -103,34 +116,50 @@ class FrameForwarder(IsolatedCallback):
         self._uid: str | None = None
         self._image_key: str | None = self._image_key_default
         self._descriptors: set[str] = set()
-        self._resources: dict[str, tuple[Path, str]] = {}
+        self._resources: dict[str, tuple[Path, str, str]] = {}
         self._frames: deque[tuple[Path, str, int]] = deque()
-        self._positions: deque[tuple[int, tuple[float, float]]] = deque()
+        self._positions: deque[tuple[int, tuple[float, float] | tuple[_Stored, _Stored]]] = deque()
+        self._stored_xy: tuple[deque[_Stored], deque[_Stored]] = (deque(), deque())
+        self._recorded = 0
         self._fields: tuple[str, str] = ("", "")
 
     def start(self, doc: dict[str, Any]) -> None:
         self._reset()
+        streamed_to = doc.get("edge_ptycho", {}).get("streamed_to")
+        if streamed_to and not self.forward_streamed:
+            self.skipped_runs += 1
+            logger.info("run %s: the detector streamed its frames to %s itself; not forwarding them",
+                        doc["uid"], streamed_to)
+            return
         self._uid = doc["uid"]
         self._image_key = self._image_key_default or doc.get("edge_ptycho", {}).get("image_key")
         self._fields = _motor_fields(doc)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
-        if self._image_key in doc["data_keys"]:
+        if self._uid is not None and self._image_key in doc["data_keys"]:
             self._descriptors.add(doc["uid"])
 
     def stream_resource(self, doc: dict[str, Any]) -> None:
-        if doc["data_key"] == self._image_key:
-            self._resources[doc["uid"]] = (Path(urlparse(doc["uri"]).path), doc["parameters"]["dataset"])
+        if self._uid is not None and doc["data_key"] in (self._image_key, *self._fields):
+            self._resources[doc["uid"]] = (Path(urlparse(doc["uri"]).path), doc["parameters"]["dataset"],
+                                           doc["data_key"])
 
     def stream_datum(self, doc: dict[str, Any]) -> None:
         if doc["stream_resource"] in self._resources:
-            path, dataset = self._resources[doc["stream_resource"]]
-            for index in range(doc["indices"]["start"], doc["indices"]["stop"]):
-                self._frames.append((path, dataset, index))
+            path, dataset, key = self._resources[doc["stream_resource"]]
+            indices = range(doc["indices"]["start"], doc["indices"]["stop"])
+            if key == self._image_key:
+                self._frames.extend((path, dataset, index) for index in indices)
+            else:  # a position recorded per frame (fly scans)
+                self._stored_xy[self._fields.index(key)].extend((path, dataset, index) for index in indices)
+                x, y = self._stored_xy
+                while x and y:
+                    self._recorded += 1
+                    self._positions.append((self._recorded, (x.popleft(), y.popleft())))
             self._pair()
 
     def event(self, doc: dict[str, Any]) -> None:
-        if doc["descriptor"] in self._descriptors:
+        if self._uid is not None and doc["descriptor"] in self._descriptors:
             x_key, y_key = self._fields
             self._positions.append((doc["seq_num"], (float(doc["data"][x_key]), float(doc["data"][y_key]))))
             self._pair()
@@ -165,6 +194,11 @@ class FrameForwarder(IsolatedCallback):
             handle.close()
         self._files.clear()
 
+    def _position(self, pos: tuple[float, float] | tuple[_Stored, _Stored]) -> tuple[float, float]:
+        if isinstance(pos[0], tuple):
+            return tuple(float(self._read_frame(*stored)) for stored in pos)  # type: ignore[return-value]
+        return pos  # type: ignore[return-value]
+
     def _read_frame(self, path: Path, dataset: str, index: int) -> NDArray[Any]:
         deadline = time.monotonic() + self.read_timeout
         while True:
@@ -187,7 +221,7 @@ class FrameForwarder(IsolatedCallback):
                     return
                 scan_uid, path, dataset, index, seq_num, pos = job
                 frame = self._read_frame(path, dataset, index)
-                self.publisher.publish(frame, self._next_unique_id, pos=pos, scan_uid=scan_uid,
+                self.publisher.publish(frame, self._next_unique_id, pos=self._position(pos), scan_uid=scan_uid,
                                        attributes={"frame_index": int(index), "seq_num": int(seq_num)})
                 self._next_unique_id += 1
                 self.sent += 1

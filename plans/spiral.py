@@ -227,3 +227,97 @@ def rel_spiral_ptycho_scan(
                                               md=_md, **kwargs))
 
     return (yield from inner())
+
+
+def spiral_ptycho_flyscan(
+    detector: Any,
+    x_motor: Any,
+    y_motor: Any,
+    *,
+    step: float,
+    num_points: int,
+    rate: float = 2000.0,
+    x_center: float = 0.0,
+    y_center: float = 0.0,
+    route: str | Path | None = None,
+    exposure: float | None = None,
+    labelled: bool | None = None,
+    flush_period: float = 0.2,
+    md: dict[str, Any] | None = None,
+):
+    """Fermat-spiral ptychography fly scan: the detector free-runs at ``rate`` while the stage flies.
+
+    Parameters
+    ----------
+    detector
+        A fly-scan detector (:class:`~edge_ptycho_bluesky.devices.FlyingPtychoDetector`, the
+        simulated beamline's ``fly_det``): prepared with the trajectory, kicked off, completed,
+        and collected every ``flush_period`` seconds, so its StreamResource/StreamDatum documents
+        reach Tiled (and any subscriber) while it flies.
+    x_motor, y_motor
+        The stage axes the detector records per frame (their names are the position data keys).
+    step, num_points, x_center, y_center, route, labelled, md
+        As for :func:`spiral_ptycho_scan`.
+    rate
+        Frame rate in Hz (2000: the paper's 2 kHz).
+    exposure
+        Exposure per frame (s); default ``1 / rate`` (no dead time).
+
+    Notes
+    -----
+    The frames go over pvAccess the moment they are taken: an edge worker monitoring the
+    detector's channel (``start["edge_ptycho"]["streamed_to"]``) infers them live; the frame
+    forwarder of the step mode leaves such runs alone (it sends them again only on replay).
+    """
+    _check_args([detector], step, num_points, x_center, y_center)
+    for name, value in (("rate", rate), ("flush_period", flush_period)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if exposure is None:
+        exposure = 1.0 / rate
+    if isinstance(exposure, bool) or not isinstance(exposure, numbers.Real) or not 0 < exposure <= 1.0 / rate:
+        raise ValueError(f"exposure must be positive and at most the frame period 1/rate = {1.0 / rate:g} s, "
+                         f"got {exposure!r}")
+    for method in ("prepare", "kickoff", "complete", "collect_asset_docs"):
+        if not callable(getattr(detector, method, None)):
+            raise TypeError(f"{getattr(detector, 'name', detector)!r} is not a fly-scan detector (no {method}()); "
+                            "use the simulated beamline's fly_det, or spiral_ptycho_scan for step scans")
+    xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
+    _check_limits(x_motor, xy[:, 0])
+    _check_limits(y_motor, xy[:, 1])
+    pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
+                    "route": None if route is None else str(route)}
+    _md: dict[str, Any] = {
+        "plan_name": "spiral_ptycho_flyscan",
+        "plan_args": {"detector": repr(detector), "x_motor": repr(x_motor), "y_motor": repr(y_motor),
+                      **pattern_args, "rate": rate, "exposure": exposure, "labelled": labelled},
+        "plan_pattern": "spiral_ptycho_pattern",
+        "plan_pattern_module": __name__,
+        "plan_pattern_args": pattern_args,
+        "extents": [[float(xy[:, 0].min()), float(xy[:, 0].max())],
+                    [float(xy[:, 1].min()), float(xy[:, 1].max())]],
+        "hints": {"dimensions": [([x_motor.name], "primary"), ([y_motor.name], "primary")]},
+        "motors": [x_motor.name, y_motor.name],
+        "num_points": int(num_points),
+    }
+
+    @bpp.stage_decorator([detector])
+    def fly():
+        uid = yield from bps.open_run(_md)
+        yield from bps.mv(detector.scan_uid, uid)
+        yield from bps.declare_stream(detector, name="primary", collect=True)
+        yield from bps.kickoff(detector, wait=True)
+        yield from bps.collect_while_completing([detector], [detector], flush_period=flush_period,
+                                                stream_name="primary")
+        yield from bps.close_run()
+        return uid
+
+    def inner():
+        yield from bps.mv(detector.frame_rate, rate, detector.exposure_time, exposure)
+        yield from bps.mv(x_motor, xy[0, 0], y_motor, xy[0, 1])
+        _md["edge_ptycho"] = _ptycho_metadata([detector], step, num_points, labelled, None)
+        _md.update(md or {})
+        yield from bps.prepare(detector, {"positions": xy}, wait=True)
+        return (yield from fly())
+
+    return (yield from inner())

@@ -209,8 +209,21 @@ class EdgeSession:
         """
         from ..storage import get_run, replay
 
-        replay(get_run(self.catalog, uid), self.forwarder, self.stitch)
+        self.forwarder.forward_streamed = True  # a fly scan's frames went to the worker live; send them again
+        try:
+            replay(get_run(self.catalog, uid), self.forwarder, self.stitch)
+        finally:
+            self.forwarder.forward_streamed = False
         return self.stitch.results[uid]
+
+    def attach_fly_detector(self, detector: Any) -> None:
+        """Let a simulated fly-scan detector stream its frames straight to this session's worker.
+
+        The detector then serves its NTNDArrays on the worker's input channel (``input_pv``), as
+        a real detector's PVA plugin does when the worker is pointed at it; the live stitch
+        receives the patches as in step scans, and the frame forwarder leaves fly runs alone.
+        """
+        detector.publisher = self.publisher
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
         """The worker's status (frames in, inferred, dropped by reason, latencies, model).
