@@ -216,8 +216,9 @@ def accuracy(args: argparse.Namespace) -> int:
     # ---- one increment on the whole corpus, default recipe ----------------------------------
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          device="auto", num_threads=args.threads, count_scale=count_scale,
-                         progress=args.progress)
-    trainer = ContinualTrainer("ptychonn2", config, args.out / "work")
+                         progress=args.progress, loss=args.loss, loss_window=args.loss_window,
+                         lr_min=args.lr_min, lr_max=args.lr_max)
+    trainer = ContinualTrainer(args.model, config, args.out / "work")
     for scan in train_scans:
         trainer.add_scan(scan)
     print(f"# training: {trainer.corpus.n_frames} frames x {args.epochs} epochs", flush=True)
@@ -248,7 +249,7 @@ def accuracy(args: argparse.Namespace) -> int:
     save_triptych(
         args.figure, truth, reference, ai, ok,
         f"unseen test scan (letters), overlap {args.overlap}, {len(t_frames)} frames, "
-        f"{exposure * 1e3:g} ms; PtychoNN 2.0 trained on {trainer.corpus.n_frames} rPIE-labelled "
+        f"{exposure * 1e3:g} ms; {args.model} trained on {trainer.corpus.n_frames} rPIE-labelled "
         f"frames, {args.epochs} epochs ({result.time_s / 60:.0f} min CPU)",
         ("true phase",
          f"rPIE, {args.rpie_iterations} it. (SSIM vs truth {rpie_vs_truth['ssim']:.3f})",
@@ -302,7 +303,7 @@ def accuracy(args: argparse.Namespace) -> int:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     np.savez_compressed(args.out / "test_images.npz", truth=truth, rpie=reference, ai=ai, mask=mask)
-    record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model="ptychonn2",
+    record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model=args.model,
            batch=args.batch_size, fps=result.samples_per_s, ssim=ai_vs_rpie["ssim"], unit="samples/s",
            train_frames=trainer.corpus.n_frames, epochs=args.epochs, train_s=result.time_s)
     write_json(args.json)
@@ -323,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rpie-iterations", type=int, default=50)
     p.add_argument("--count-scale", type=float, default=None)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default="ptychonn2", help="architecture (ptychonn2, ptychonn2-fast)")
+    p.add_argument("--loss", default="mae", choices=("mae", "mse"), help="training loss (paper: mae)")
+    p.add_argument("--loss-window", type=float, default=None,
+                   help="count only a centred disk of this radius (fraction of the patch side) in the loss")
+    p.add_argument("--lr-min", type=float, default=1e-4)
+    p.add_argument("--lr-max", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench_train_out"))
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
@@ -384,8 +391,9 @@ def main(argv: list[str] | None = None) -> int:
     # ---- continual training ---------------------------------------------------------------
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          device="auto", num_threads=args.threads, count_scale=args.count_scale,
-                         progress=args.progress)
-    trainer = ContinualTrainer("ptychonn2", config, args.out / "work")
+                         progress=args.progress, loss=args.loss, loss_window=args.loss_window,
+                         lr_min=args.lr_min, lr_max=args.lr_max)
+    trainer = ContinualTrainer(args.model, config, args.out / "work")
     rows = []
     image = None
     for scan in train_scans:
@@ -451,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     for row in rows:
-        record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model="ptychonn2",
+        record("train", engine=f"torch {'cuda' if torch.cuda.is_available() else 'cpu'}", model=args.model,
                batch=args.batch_size, fps=row["samples_per_s"], ssim=row["ssim_vs_rpie"], unit="samples/s",
                train_frames=row["corpus_frames"], epochs=row["epochs"], train_s=row["train_s"])
     write_json(args.json)

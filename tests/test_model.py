@@ -308,3 +308,25 @@ def test_bin_and_crop_helpers():
     assert center_crop(odd, 4)[0, 2, 2] == odd[0, 3, 3]  # the centre pixel stays at size // 2
     with pytest.raises(ValueError, match="cannot crop"):
         center_crop(odd, 8)
+
+
+def test_fast_variant_is_smaller_exports_to_onnx_and_matches_torch(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from edge_ptycho_bluesky.model import PtychoNNFast, export_onnx
+
+    torch.manual_seed(0)
+    model = build_model("ptychonn2-fast").eval()
+    assert isinstance(model, PtychoNNFast) and count_parameters(model) == 184_753
+    x = torch.rand(3, 1, 128, 128) * 50
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert want.shape == (3, 1, 128, 128) and np.abs(want).max() <= math.pi
+    path = export_onnx(model, tmp_path / "fast.onnx")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    with pytest.raises(ValueError, match="bin_factor"):
+        PtychoNNFast(bin_factor=0)
+    with pytest.raises(ValueError, match="divisible"):
+        PtychoNNFast(bin_factor=4, n_levels=4)(torch.zeros(1, 1, 32, 32))

@@ -31,6 +31,7 @@ from edge_ptycho_bluesky.training.trainer import (
     evaluate_scan,
     fit,
     load_labelled_scan_from_tiled,
+    loss_window,
     prepare_inputs,
     triangular2_lr,
 )
@@ -90,6 +91,9 @@ def states_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         ({"device": "tpu"}, "device"),
         ({"num_threads": 0}, "num_threads"),
         ({"count_scale": -1.0}, "count_scale"),
+        ({"loss": "huber"}, "loss"),
+        ({"loss_window": 0.0}, "loss_window"),
+        ({"loss_window": 1.5}, "loss_window"),
     ],
 )
 def test_config_rejects_bad_values(changes: dict[str, object], word: str) -> None:
@@ -160,6 +164,24 @@ def test_loss_decreases_and_best_validation_model_is_kept(scan_a: LabelledScan) 
     assert states_close(result.state_dict, best)
     assert states_close({k: v.cpu() for k, v in model.state_dict().items()}, best)
     assert result.samples_per_s > 0 and result.time_s > 0
+
+
+def test_loss_window_is_the_beam_footprint_and_all_ones_without_radius() -> None:
+    w = loss_window((128, 128), 0.3)[0, 0]
+    assert w.shape == (128, 128) and float(w[64, 64]) > 0.99 and float(w[0, 0]) < 1e-6
+    assert float(w[64, 64 + 50]) < 0.01 and float(w[64, 64 + 28]) > 0.99      # radius 0.3 x 128 = 38 px
+    assert torch.equal(loss_window((8, 8), None), torch.ones(1, 1, 8, 8))
+
+
+def test_fast_variant_trains_with_mse_in_the_beam_footprint(scan_a: LabelledScan) -> None:
+    config = tiny_config(epochs=4, loss="mse", loss_window=0.3, lr_min=1e-3, lr_max=2e-3)
+    torch.manual_seed(0)
+    model = build_model("ptychonn2-fast", nconv=4)
+    result = fit(model, prepare_inputs(scan_a.frames, SCALE), scan_a.phases, config)
+    train = [r.train_loss for r in result.history]
+    assert train[-1] < train[0]
+    # the validation figure stays a mean absolute error (rad) inside the window
+    assert 0 < result.best_val_loss < float(np.abs(scan_a.phases).mean()) * 2
 
 
 def test_validation_split_is_fresh_each_epoch(scan_b: LabelledScan) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "PTYCHONN2_ONNX_INITIALIZER_ELEMENTS",
     "PtychoNN",
     "PtychoNN2",
+    "PtychoNNFast",
     "build_model",
     "count_parameters",
     "load_model",
@@ -62,9 +63,9 @@ PTYCHONN2_N_PARAMETERS: int = 733_921
 #: ``Resize`` scale vectors ``[1, 1, 2, 2]`` (16 constants).
 PTYCHONN2_ONNX_INITIALIZER_ELEMENTS: int = 733_937
 #: Names accepted by :func:`build_model`.
-MODEL_NAMES: tuple[str, ...] = ("ptychonn2", "ptychonn")
+MODEL_NAMES: tuple[str, ...] = ("ptychonn2", "ptychonn2-fast", "ptychonn")
 
-ModelName = Literal["ptychonn2", "ptychonn"]
+ModelName = Literal["ptychonn2", "ptychonn2-fast", "ptychonn"]
 
 
 def _down_block(filters_in: int, filters_out: int) -> list[nn.Module]:
@@ -239,13 +240,68 @@ class PtychoNN(nn.Module):
         return self.decoder1(features), phase
 
 
+class PtychoNNFast(nn.Module):
+    """A cheaper PtychoNN 2.0 for CPU edges: binned input, fewer filters, batch norm.
+
+    Same interface as :class:`PtychoNN2` (``(N, 1, 128, 128)`` intensities in, phase in radians
+    out), built to keep up with a 2 kHz detector on a few CPU cores (issue 7):
+
+    * the frame is averaged over ``bin_factor x bin_factor`` blocks first (64 x 64 for 2);
+    * an encoder-decoder like PtychoNN 2.0's at that size, with ``nconv`` (8) filters at the
+      first level instead of 16, and batch normalisation after every convolution (ONNX Runtime
+      folds it into the convolution at inference, so it costs nothing there; in training it
+      leaves the median-phase plateau far sooner);
+    * ``tanh x pi`` at the binned size, then bilinear upsampling back to the frame size.
+
+    With the defaults it has ~185k parameters and ~8x fewer multiply-adds than PtychoNN 2.0.
+    """
+
+    def __init__(self, nconv: int = 8, n_levels: int = 4, bin_factor: int = 2, batch_norm: bool = True) -> None:
+        super().__init__()
+        _check_widths(nconv, n_levels)
+        if isinstance(bin_factor, bool) or not isinstance(bin_factor, int) or bin_factor < 1:
+            raise ValueError(f"bin_factor must be a positive integer, got {bin_factor!r}")
+        self.nconv, self.n_levels, self.bin_factor = nconv, n_levels, bin_factor
+
+        def conv(filters_in: int, filters_out: int) -> list[nn.Module]:
+            norm: list[nn.Module] = [nn.BatchNorm2d(filters_out)] if batch_norm else []
+            return [nn.Conv2d(filters_in, filters_out, kernel_size=3, padding=1), *norm, nn.ReLU()]
+
+        widths = [nconv * 2**i for i in range(n_levels)]
+        encoder: list[nn.Module] = [nn.AvgPool2d(bin_factor)] if bin_factor > 1 else []
+        filters_in = 1
+        for width in widths:
+            encoder += [*conv(filters_in, width), *conv(width, width), nn.MaxPool2d(2)]
+            filters_in = width
+        decoder: list[nn.Module] = []
+        for width in reversed(widths):
+            decoder += [*conv(filters_in, width), *conv(width, width),
+                        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)]
+            filters_in = width
+        decoder += [nn.Conv2d(filters_in, 1, kernel_size=3, padding=1), nn.Tanh()]
+        self.encoder = nn.Sequential(*encoder)
+        self.decoder2 = nn.Sequential(*decoder)
+        self.upsample = (nn.Upsample(scale_factor=bin_factor, mode="bilinear", align_corners=False)
+                         if bin_factor > 1 else nn.Identity())
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Phase in radians, ``(N, 1, H, W)``, from intensities ``x : (N, 1, H, W)``."""
+        _check_input(x, self.n_levels)
+        step = self.bin_factor * 2**self.n_levels
+        if x.shape[-2] % step or x.shape[-1] % step:
+            raise ValueError(f"input frames {tuple(x.shape[-2:])} must be divisible by bin_factor * 2**n_levels = {step}")
+        return self.upsample(self.decoder2(self.encoder(x)) * math.pi)
+
+
 def build_model(name: ModelName | str = "ptychonn2", **kwargs: object) -> nn.Module:
     """Build an untrained network by name.
 
     Parameters
     ----------
-    name : {"ptychonn2", "ptychonn"}
+    name : {"ptychonn2", "ptychonn2-fast", "ptychonn"}
         ``"ptychonn2"``: :class:`PtychoNN2` (default; the paper's phase-only network).
+        ``"ptychonn2-fast"``: :class:`PtychoNNFast` (binned, narrower, for CPU edges).
         ``"ptychonn"``: the original two-headed :class:`PtychoNN`.
     **kwargs
         Passed to the class (``nconv``, ``n_levels``; ``phase_only`` for ``"ptychonn"``).
@@ -258,6 +314,8 @@ def build_model(name: ModelName | str = "ptychonn2", **kwargs: object) -> nn.Mod
     key = str(name).lower().replace("-", "").replace("_", "").replace(".", "")
     if key in ("ptychonn2", "ptychonn20"):
         model: nn.Module = PtychoNN2(**kwargs)  # type: ignore[arg-type]
+    elif key in ("ptychonn2fast", "ptychonnfast"):
+        model = PtychoNNFast(**kwargs)  # type: ignore[arg-type]
     elif key == "ptychonn":
         model = PtychoNN(**kwargs)  # type: ignore[arg-type]
     else:
