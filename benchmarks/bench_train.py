@@ -51,12 +51,11 @@ from edge_ptycho_bluesky.metrics import compare, scanned_mask, ssim
 from records import record, write_json  # benchmarks/records.py
 from edge_ptycho_bluesky.recon.labels import (LabelledScan, extract_labels, labels_from_reconstruction,
                                               load_corpus, save_corpus)
-from edge_ptycho_bluesky.recon.rpie import rpie
-from edge_ptycho_bluesky.sim import fermat_spiral, make_sample, overlap_ratio, step_for_overlap
+from edge_ptycho_bluesky.reproduce import BEAM_UM, Scan, rpie_result, simulate_scan
+from edge_ptycho_bluesky.sim import overlap_ratio, step_for_overlap
 from edge_ptycho_bluesky.stitching import stitch
 from edge_ptycho_bluesky.training.trainer import ContinualTrainer, TrainConfig, predict_phases
 
-BEAM_UM = 0.8
 EXPOSURE_S = 0.4
 ACCURACY_TARGET_SSIM = 0.85
 
@@ -64,20 +63,15 @@ ACCURACY_TARGET_SSIM = 0.85
 def simulate(kind: str, n: int, step_um: float, seed: int, exposure_s: float = EXPOSURE_S,
              return_xy: bool = False):
     """A sample, its frames (N, 128, 128) float32 counts and window positions (N, 2)."""
-    extent = step_um * np.sqrt(n) + 0.05
-    sample = make_sample(kind, extent_um=extent, seed=seed, beam_diameter_nm=BEAM_UM * 1e3)
-    xy = fermat_spiral(n, step_um)
-    frames = sample.measure(xy, exposure_s, rng=seed).astype(np.float32)
+    scan = simulate_scan(kind, n, step_um, seed, exposure_s)
     if return_xy:
-        return sample, frames, sample.window_positions(xy), xy
-    return sample, frames, sample.window_positions(xy)
+        return scan.sample, scan.frames, scan.positions, scan.xy_um
+    return scan.sample, scan.frames, scan.positions
 
 
 def reconstruct(sample, frames, positions, iterations: int):
     """rPIE with the known probe, on the sample's object grid."""
-    return rpie(frames, positions, probe=sample.probe, object_shape=sample.transmission.shape,
-                iterations=iterations, pixel_size_nm=sample.geometry.pixel_size_nm,
-                update_probe=False, seed=0)
+    return rpie_result(Scan(sample, frames, positions, np.zeros((0, 2)), 0.0, 0.0), iterations)
 
 
 def label_scan(sample, frames, positions, uid: str, mode: str, iterations: int) -> tuple[LabelledScan, float]:
@@ -217,7 +211,7 @@ def accuracy(args: argparse.Namespace) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          device="auto", num_threads=args.threads, count_scale=count_scale,
                          progress=args.progress, loss=args.loss, loss_window=args.loss_window,
-                         lr_min=args.lr_min, lr_max=args.lr_max)
+                         lr_min=args.lr_min, lr_max=args.lr_max, augment=args.augment)
     trainer = ContinualTrainer(args.model, config, args.out / "work")
     for scan in train_scans:
         trainer.add_scan(scan)
@@ -328,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss", default="mae", choices=("mae", "mse"), help="training loss (paper: mae)")
     p.add_argument("--loss-window", type=float, default=None,
                    help="count only a centred disk of this radius (fraction of the patch side) in the loss")
+    p.add_argument("--augment", action="store_true", help="random rotations/reflections (TrainConfig.augment)")
     p.add_argument("--lr-min", type=float, default=1e-4)
     p.add_argument("--lr-max", type=float, default=5e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -392,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
                          device="auto", num_threads=args.threads, count_scale=args.count_scale,
                          progress=args.progress, loss=args.loss, loss_window=args.loss_window,
-                         lr_min=args.lr_min, lr_max=args.lr_max)
+                         lr_min=args.lr_min, lr_max=args.lr_max, augment=args.augment)
     trainer = ContinualTrainer(args.model, config, args.out / "work")
     rows = []
     image = None

@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = (
     "edge_ptycho_bluesky.recon.cli",
     "edge_ptycho_bluesky.model.infer_cli",
     "edge_ptycho_bluesky.bench_cli",
+    "edge_ptycho_bluesky.reproduce",
 )
 
 

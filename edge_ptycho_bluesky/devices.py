@@ -400,7 +400,7 @@ class FlyingPtychoDetector(_SimulatedDetector):
         period = 1.0 / rate
         late = 0
         started.set_finished()
-        t0 = time.perf_counter()
+        t0, t_start = time.perf_counter(), time.time()
         try:
             for i in range(len(frames)):
                 delay = t0 + i * period - time.perf_counter()
@@ -422,7 +422,7 @@ class FlyingPtychoDetector(_SimulatedDetector):
             if writer_error:
                 raise writer_error[0]
             self.stats = {"frames": len(frames), "elapsed_s": elapsed, "rate_hz": len(frames) / elapsed,
-                          "late_frames": late}
+                          "late_frames": late, "t_start": t_start}
             logger.info("%s: %d frames published in %.3f s (%.0f frames/s, asked %.0f; %d over one period late)",
                         self.name, len(frames), elapsed, len(frames) / elapsed, rate, late)
             self._complete.set_finished()

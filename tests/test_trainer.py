@@ -29,6 +29,7 @@ from edge_ptycho_bluesky.training.trainer import (
     add_subcommand,
     auto_count_scale,
     evaluate_scan,
+    dihedral,
     fit,
     load_labelled_scan_from_tiled,
     loss_window,
@@ -173,8 +174,8 @@ def test_loss_window_is_the_beam_footprint_and_all_ones_without_radius() -> None
     assert torch.equal(loss_window((8, 8), None), torch.ones(1, 1, 8, 8))
 
 
-def test_fast_variant_trains_with_mse_in_the_beam_footprint(scan_a: LabelledScan) -> None:
-    config = tiny_config(epochs=4, loss="mse", loss_window=0.3, lr_min=1e-3, lr_max=2e-3)
+def test_fast_variant_trains_with_mse_in_the_beam_footprint_and_augmentation(scan_a: LabelledScan) -> None:
+    config = tiny_config(epochs=4, loss="mse", loss_window=0.3, lr_min=1e-3, lr_max=2e-3, augment=True)
     torch.manual_seed(0)
     model = build_model("ptychonn2-fast", nconv=4)
     result = fit(model, prepare_inputs(scan_a.frames, SCALE), scan_a.phases, config)
@@ -182,6 +183,22 @@ def test_fast_variant_trains_with_mse_in_the_beam_footprint(scan_a: LabelledScan
     assert train[-1] < train[0]
     # the validation figure stays a mean absolute error (rad) inside the window
     assert 0 < result.best_val_loss < float(np.abs(scan_a.phases).mean()) * 2
+
+
+def test_dihedral_augmentation_is_the_intensity_of_the_turned_exit_wave() -> None:
+    rng = np.random.default_rng(0)
+    wave = rng.normal(size=(16, 16)) + 1j * rng.normal(size=(16, 16))
+
+    def intensity(w: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.abs(np.fft.fftshift(np.fft.fft2(np.ascontiguousarray(w)))) ** 2)[None, None]
+
+    phase = torch.from_numpy(np.angle(wave))[None, None]
+    for k in range(8):
+        turned = np.rot90(wave, k % 4)
+        turned = np.flip(turned, 1) if k >= 4 else turned
+        frames, phases = dihedral(intensity(wave), phase, k)
+        torch.testing.assert_close(frames, intensity(turned), rtol=1e-6, atol=1e-6 * float(frames.max()))
+        torch.testing.assert_close(phases, torch.from_numpy(np.angle(turned).copy())[None, None])
 
 
 def test_validation_split_is_fresh_each_epoch(scan_b: LabelledScan) -> None:

@@ -74,6 +74,9 @@ class EdgeSessionConfig:
         Channel names.
     engine : str
         Engine of the embedded worker.
+    worker_args : tuple of str
+        More ``edge-ptycho worker`` options for the embedded worker, e.g.
+        ``("--threads", "2", "--batch-size", "16")``.
     """
 
     enabled: bool = True
@@ -83,6 +86,7 @@ class EdgeSessionConfig:
     output_pv: str = DEFAULT_OUTPUT_PV
     status_pv: str = DEFAULT_STATUS_PV
     engine: str = "auto"
+    worker_args: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.worker not in ("embedded", "external"):
@@ -189,7 +193,7 @@ class EdgeSession:
         self.worker_log = log_dir / "edge-worker.log"
         self.worker = WorkerProcess(
             registry=c.registry, channels=WorkerChannels(c.input_pv, c.output_pv, c.status_pv),
-            engine=c.engine, extra_args=["--log-level", "INFO"], log_path=self.worker_log,
+            engine=c.engine, extra_args=["--log-level", "INFO", *c.worker_args], log_path=self.worker_log,
             supervise=True)
         self.worker.start(timeout)  # RuntimeError with the worker's log if it does not start
         logger.info("edge worker started (registry %s, log %s)", c.registry, self.worker_log)

@@ -159,6 +159,10 @@ class TrainConfig:
         e.g. 0.3) with a soft 2-pixel edge, in the loss and in the validation MAE: the beam's
         footprint, the only part of a patch its diffraction pattern says anything about (the
         stitching weighs patches by the probe amplitude too). None: every pixel (the paper).
+    augment : bool
+        Train on each batch turned by a random one of the 8 rotations/reflections of the square
+        (:func:`dihedral`), frames and labels together: exact for a probe with that symmetry
+        (the simulated zone-plate probe), an approximation for a measured probe. Off in the paper.
     """
 
     epochs: int = 50
@@ -175,6 +179,7 @@ class TrainConfig:
     progress: bool = True
     loss: str = "mae"
     loss_window: float | None = None
+    augment: bool = False
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -219,8 +224,8 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.num_threads must be None or an integer >= 1, got {self.num_threads!r}"
             )
-        if not isinstance(self.amp, bool) or not isinstance(self.progress, bool):
-            raise TypeError("TrainConfig.amp and TrainConfig.progress must be bool")
+        if not all(isinstance(v, bool) for v in (self.amp, self.progress, self.augment)):
+            raise TypeError("TrainConfig.amp, TrainConfig.progress and TrainConfig.augment must be bool")
         if self.count_scale not in (None, "auto") and (
             not _is_real(self.count_scale) or self.count_scale <= 0
         ):
@@ -456,6 +461,26 @@ def triangular2_lr(
 
 #: ``count_scale="auto"`` brings the brightest training pixel to about this value.
 AUTO_BRIGHTEST: float = 100.0
+
+
+#: Rolls (rows, cols) that put the zero frequency of an fftshifted pattern back at (N/2, N/2)
+#: after ``rot90(k)`` and an optional left-right flip (checked against FFTs of turned fields).
+_DIHEDRAL_ROLLS = {(0, False): (0, 0), (0, True): (0, 1), (1, False): (1, 0), (1, True): (1, 1),
+                   (2, False): (1, 1), (2, True): (1, 0), (3, False): (0, 1), (3, True): (0, 0)}
+
+
+def dihedral(frames: torch.Tensor, phases: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn a batch of ``(N, 1, H, W)`` frames and phase labels by symmetry ``k`` in 0..7 of the square.
+
+    ``k % 4`` quarter turns, then a left-right flip when ``k >= 4``. The phase is turned as an
+    image; the frame as the far-field intensity of the turned exit wave, i.e. turned and rolled
+    by one pixel where the fftshifted zero frequency (at index ``N/2``) would move.
+    """
+    turns, flip = k % 4, k >= 4
+    frames, phases = torch.rot90(frames, turns, (2, 3)), torch.rot90(phases, turns, (2, 3))
+    if flip:
+        frames, phases = torch.flip(frames, (3,)), torch.flip(phases, (3,))
+    return torch.roll(frames, _DIHEDRAL_ROLLS[turns, flip], (2, 3)), phases
 
 
 def loss_window(shape: tuple[int, int], radius: float | None, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -717,6 +742,7 @@ def fit(
             t_epoch = time.perf_counter()
             # A fresh random validation split, identical on every rank.
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            aug_rng = torch.Generator().manual_seed(seed * 1_000_003 + epoch + rank * 7_919 + 1)
             perm = torch.randperm(len(x), generator=g)
             val_idx, train_idx = perm[:n_val], perm[n_val:]
             sampler = DistributedSampler(
@@ -740,6 +766,8 @@ def fit(
             for idx in inner:
                 xb = x[idx].to(device, non_blocking=True)
                 yb = y[idx].to(device, non_blocking=True)
+                if config.augment:
+                    xb, yb = dihedral(xb, yb, int(torch.randint(8, (1,), generator=aug_rng)))
                 lrs.append(float(optimizer.param_groups[0]["lr"]))
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(forward(xb), yb)
@@ -1377,7 +1405,7 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p = subparsers.add_parser(
         "train",
         help="train PtychoNN on labelled scans and publish it into the model registry",
-        description="Train one increment (Adam, L1, triangular2 cyclic LR, fresh 10 %% "
+        description="Train one increment (Adam, L1 by default, triangular2 cyclic LR, fresh 10 %% "
         "validation split per epoch, best-validation model kept) on labelled scan files, "
         "warm-starting from the deployed model, and publish the result (ONNX + model.pt).",
     )
@@ -1388,8 +1416,18 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     add_registry_argument(p)
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="folder for curves and exports (default: a temporary folder)")
+    p.add_argument("--model", default="ptychonn2", choices=("ptychonn2", "ptychonn2-fast"),
+                   help="architecture (default: %(default)s; ptychonn2-fast: the CPU-sized variant)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--loss", default=TrainConfig.loss, choices=("mae", "mse"),
+                   help="training loss (default: %(default)s, the paper's)")
+    p.add_argument("--loss-window", type=float, default=None, metavar="R",
+                   help="count only a centred disk of radius R x the patch side (the beam), e.g. 0.3")
+    p.add_argument("--augment", action="store_true",
+                   help="random rotations/reflections of frames and labels (exact for a symmetric probe)")
+    p.add_argument("--lr-min", type=float, default=TrainConfig.lr_min)
+    p.add_argument("--lr-max", type=float, default=TrainConfig.lr_max)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     p.add_argument("--count-scale", type=_count_scale_arg, default="auto", metavar="auto|none|X",
                    help="input scale given to preprocess: a number, 'none' (raw counts) or "
@@ -1432,11 +1470,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         scale = args.count_scale
         config = TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
-            num_threads=args.threads, count_scale=scale, progress=not args.no_progress,
+            num_threads=args.threads, count_scale=scale, progress=not args.no_progress, loss=args.loss,
+            loss_window=args.loss_window, augment=args.augment, lr_min=args.lr_min, lr_max=args.lr_max,
         )
         with contextlib.ExitStack() as stack:
             workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-            trainer = ContinualTrainer("ptychonn2", config, workdir)
+            trainer = ContinualTrainer(args.model, config, workdir)
             for scan in scans:
                 trainer.add_scan(scan)
             if args.warm_start:
