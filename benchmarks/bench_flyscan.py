@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from edge_ptycho_bluesky.edge.transport import loopback_env
+
+    loopback_env()  # pvAccess on 127.0.0.1 only, for this process and the worker it starts
     rates = [2000.0] if args.quick else [float(r) for r in args.rates.split(",") if r.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     print(f"fly scans of {args.points} frames; worker: ONNX Runtime, {args.threads} threads, batch {args.batch}; "

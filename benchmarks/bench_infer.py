@@ -6,6 +6,9 @@ Engines measured (each available one):
   (:func:`edge_ptycho_bluesky.model.export_onnx`);
 * ``onnxruntime/paper-b8`` -- the paper's fixed-batch-8 ``ptychoNN_8.onnx`` as distributed
   (batches are split into chunks of 8 and the last chunk zero-padded, so batch 1 costs 8 frames);
+* ``onnxruntime/fast``, ``onnxruntime/fast-int8`` -- the CPU variant ``ptychonn2-fast``
+  (:class:`~edge_ptycho_bluesky.model.PtychoNNFast`; trained weights with ``--fast-weights``, else
+  untrained: the speed does not depend on the weights), float32 and static int8;
 * ``torch-cpu`` -- the torch model with the paper's weights;
 * ``torch-cuda``, ``tensorrt-fp16`` -- where a CUDA GPU (and TensorRT) exist.
 
@@ -110,7 +113,7 @@ def make_int8(exported: Path, tmp: Path, agreement_out: dict[str, float]) -> Pat
         rng = np.random.default_rng(0)
         x = rng.poisson(20.0, (20, 1, 128, 128)).astype(np.float32)
         source = "Poisson noise frames (real frames absent)"
-    path, score = quantize_and_check(exported, tmp / "ptychonn2_int8.onnx", x)
+    path, score = quantize_and_check(exported, tmp / f"{exported.stem}_int8.onnx", x)
     agreement_out.update(score, source=source)
     return path
 
@@ -125,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the records (bench.json format) here")
     parser.add_argument(
         "--engines", nargs="+",
-        default=["onnxruntime/exported", "onnxruntime/int8", "onnxruntime/paper-b8", "torch-cpu", "torch-cuda",
-                 "tensorrt-fp16"]
+        default=["onnxruntime/exported", "onnxruntime/int8", "onnxruntime/paper-b8", "onnxruntime/fast",
+                 "onnxruntime/fast-int8", "torch-cpu", "torch-cuda", "tensorrt-fp16"]
     )
+    parser.add_argument("--fast-weights", type=Path, default=None, help="trained ptychonn2-fast state dict (.pt)")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.repeats = 1.0, 2
@@ -143,6 +147,12 @@ def main(argv: list[str] | None = None) -> int:
     reasons = available_engines()
     tmp = Path(tempfile.mkdtemp(prefix="bench_infer_"))
     exported = export_onnx(model, tmp / "ptychonn2_dynamic.onnx")
+    torch.manual_seed(0)
+    fast = build_model("ptychonn2-fast")
+    if args.fast_weights is not None:
+        fast.load_state_dict(torch.load(args.fast_weights, map_location="cpu", weights_only=True))
+    fast_exported = export_onnx(fast.eval(), tmp / "ptychonn2_fast.onnx")
+    gflops = {name: gflop_per_frame(fast) for name in ("onnxruntime/fast", "onnxruntime/fast-int8")}
 
     print(f"# bench_infer  {_dt.datetime.now().isoformat(timespec='seconds')}")
     print(f"# machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} logical CPUs, "
@@ -157,25 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
 
     def row(name: str, threads: object, batch: int, fps: float, median: float) -> None:
+        g = gflops.get(name, gflop)
         record("infer", engine=name, model=model_file.get(name, "ptychonn2 (paper weights, dynamic batch)"),
-               batch=batch, threads=threads, fps=fps, latency_p50_ms=median, gflop_per_s=fps * gflop,
-               ssim=int8_agreement.get("ssim") if name.endswith("int8") else None)
-        print(f"| {name} | {threads} | {batch} | {fps:,.0f} | {1e3 / fps:.2f} | {median:.1f} | {fps * gflop:.0f} |",
+               batch=batch, threads=threads, fps=fps, latency_p50_ms=median, gflop_per_s=fps * g,
+               ssim=agreements.get(name, {}).get("ssim"))
+        print(f"| {name} | {threads} | {batch} | {fps:,.0f} | {1e3 / fps:.2f} | {median:.1f} | {fps * g:.0f} |",
               flush=True)
 
     model_file = {"onnxruntime/paper-b8": PAPER_ONNX.name,
-                  "onnxruntime/int8": "ptychonn2 int8 (static, QDQ, calibrated on real frames)"}
-    int8_agreement: dict[str, float] = {}
-    if "onnxruntime/int8" in args.engines:
-        int8_path = make_int8(exported, tmp, int8_agreement)
-        print(f"# int8 model vs float32 on held-out frames: mean SSIM {int8_agreement['ssim']:.4f}, max "
-              f"|difference| {int8_agreement['max_abs_rad']:.3f} rad ({int8_agreement['frames']:.0f} frames, "
-              f"{int8_agreement['source']})")
+                  "onnxruntime/int8": "ptychonn2 int8 (static, QDQ, calibrated on real frames)",
+                  "onnxruntime/fast": "ptychonn2-fast (CPU variant)",
+                  "onnxruntime/fast-int8": "ptychonn2-fast int8 (static, QDQ, calibrated on real frames)"}
+    agreements: dict[str, dict[str, float]] = {}
+    int8_paths: dict[str, Path] = {}
+    for name, base in (("onnxruntime/int8", exported), ("onnxruntime/fast-int8", fast_exported)):
+        if name in args.engines:
+            agreements[name] = {}
+            int8_paths[name] = make_int8(base, tmp, agreements[name])
+            a = agreements[name]
+            print(f"# {name} vs float32 on held-out frames: mean SSIM {a['ssim']:.4f}, max |difference| "
+                  f"{a['max_abs_rad']:.3f} rad ({a['frames']:.0f} frames, {a['source']})")
     default_threads = torch.get_num_threads()
     for name in args.engines:
         if name.startswith("onnxruntime"):
-            path = {"onnxruntime/exported": exported, "onnxruntime/paper-b8": PAPER_ONNX}.get(name)
-            path = int8_path if name.endswith("int8") else path
+            path = {"onnxruntime/exported": exported, "onnxruntime/paper-b8": PAPER_ONNX,
+                    "onnxruntime/fast": fast_exported, **int8_paths}.get(name)
             if not path.is_file():
                 print(f"| {name} | - | - | skipped: {path} absent | | | |")
                 continue

@@ -152,7 +152,7 @@ class EdgeSession:
         )
 
         from ..storage import make_tiled_writer
-        from .transport import FramePublisher, PatchSubscriber
+        from .transport import LOOPBACK_ENV, FramePublisher, PatchSubscriber, loopback_env
 
         self.config = config
         self.RE = RE
@@ -162,6 +162,12 @@ class EdgeSession:
         self.worker_stats: dict[str, Any] = {}  # the embedded worker's final statistics, after close()
         self._tokens: list[int] = []
         self._closed = False
+        if config.worker == "embedded" and any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
+            # The embedded worker lives on pvAccess loopback; without the same settings here its
+            # monitor never finds this process's channels (silently: no frame would arrive).
+            logger.info("edge: setting the loopback pvAccess variables for the embedded worker (%s)",
+                        ", ".join(f"{k}={v}" for k, v in LOOPBACK_ENV.items()))
+            loopback_env()
         self.publisher = FramePublisher(config.input_pv)  # the worker's input, served here
         try:
             if config.worker == "embedded":

@@ -253,7 +253,8 @@ class PtychoNNFast(nn.Module):
       leaves the median-phase plateau far sooner);
     * ``tanh x pi`` at the binned size, then bilinear upsampling back to the frame size.
 
-    With the defaults it has ~185k parameters and ~8x fewer multiply-adds than PtychoNN 2.0.
+    With the defaults it has 184,753 parameters and needs 0.040 GFLOP a frame, 16x fewer than
+    PtychoNN 2.0 (0.632).
     """
 
     def __init__(self, nconv: int = 8, n_levels: int = 4, bin_factor: int = 2, batch_norm: bool = True) -> None:
