@@ -238,6 +238,15 @@ def accuracy(args: argparse.Namespace) -> int:
     onnx_res = infer_scan(loaded, registry.root, engine="onnxruntime", fill=np.nan)
     ok_onnx = mask & np.isfinite(onnx_res.image)
     onnx_vs_rpie = compare(reference, onnx_res.image, ok_onnx)
+    # the int8 form of the published model (static, calibrated on training frames), same test scan
+    from edge_ptycho_bluesky.model import OnnxRuntimeEngine, preprocess
+    from edge_ptycho_bluesky.model.quantize import quantize_int8
+
+    calibration = preprocess(train_scans[0].frames[:32], scale=count_scale)
+    int8 = quantize_int8(mv.onnx_path, args.out / "model_int8.onnx", calibration)
+    int8_phase = OnnxRuntimeEngine(int8).infer(preprocess(t_frames, scale=count_scale)).reshape(-1, 128, 128)
+    int8_image, _ = stitch(int8_phase, t_pos, shape=reference.shape, weight=weight)
+    int8_vs_rpie = compare(reference, int8_image, mask & np.isfinite(int8_image))
     passed = ai_vs_rpie["ssim"] >= ACCURACY_TARGET_SSIM
 
     save_triptych(
@@ -265,6 +274,7 @@ def accuracy(args: argparse.Namespace) -> int:
     print("|---|---|---|---|")
     for name, c in (("AI (torch) vs rPIE", ai_vs_rpie), ("AI (torch) vs truth", ai_vs_truth),
                     (f"AI (ONNX Runtime, registry {mv.version}) vs rPIE", onnx_vs_rpie),
+                    ("AI (ONNX Runtime, int8) vs rPIE", int8_vs_rpie),
                     ("rPIE vs truth", rpie_vs_truth)):
         print(f"| {name} | {c['ssim']:.3f} | {c['pearson']:.3f} | {c['rms']:.3f} |")
     print()
@@ -291,6 +301,7 @@ def accuracy(args: argparse.Namespace) -> int:
         "ai_vs_rpie": ai_vs_rpie,
         "ai_vs_truth": ai_vs_truth,
         "onnx_vs_rpie": onnx_vs_rpie,
+        "int8_vs_rpie": int8_vs_rpie,
         "rpie_vs_truth": rpie_vs_truth,
         "target_met": passed,
         "total_s": total_s,

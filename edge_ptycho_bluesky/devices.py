@@ -398,7 +398,8 @@ class FlyingPtychoDetector(_SimulatedDetector):
         writer = threading.Thread(target=write, name=f"{self.name}-hdf5", daemon=True)
         writer.start()
         period = 1.0 / rate
-        late = 0
+        late = queued = 0  # frames over one period late; frames handed to the writer
+        i = -1
         started.set_finished()
         t0, t_start = time.perf_counter(), time.time()
         try:
@@ -413,7 +414,8 @@ class FlyingPtychoDetector(_SimulatedDetector):
                 if self._abort.is_set():
                     raise RuntimeError(f"{self.name}: fly scan stopped at frame {i}")
                 if (i + 1) % self.block_frames == 0 or i + 1 == len(frames):
-                    blocks.put(((i // self.block_frames) * self.block_frames, i + 1))
+                    blocks.put((queued, i + 1))
+                    queued = i + 1
                     if writer_error:
                         raise writer_error[0]
             elapsed = time.perf_counter() - t0
@@ -427,7 +429,11 @@ class FlyingPtychoDetector(_SimulatedDetector):
                         self.name, len(frames), elapsed, len(frames) / elapsed, rate, late)
             self._complete.set_finished()
         except BaseException as exc:
+            published = i + 1  # the frame that failed counts as published (it may have been)
+            if queued < published and not writer_error:  # frames already published are kept in the file too
+                blocks.put((queued, published))
             blocks.put(None)
+            writer.join(timeout=30)
             logger.exception("%s: fly acquisition failed", self.name)
             self._complete.set_exception(exc)
 

@@ -9,6 +9,7 @@ ONNX Runtime.  Rates here are modest; the 963-frame 2 kHz figures are a benchmar
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import numpy as np
@@ -124,3 +125,37 @@ def test_the_fly_plan_refuses_a_step_detector_and_a_too_long_exposure(fly_line, 
         list(spiral_ptycho_flyscan(fly_line.fly_det, fly_line.stage.x, fly_line.stage.y, step=0.05, num_points=10,
                                    rate=0))
     assert isinstance(fly_line.fly_det, FlyingPtychoDetector)
+
+
+def test_a_fly_scan_stopped_midway_keeps_every_published_frame_in_the_file(fly_line):
+    import h5py
+
+    from edge_ptycho_bluesky.devices import FRAME_DATASET
+
+    published: list[int] = []
+
+    class Recorder:
+        channel = "recorder"
+
+        def publish(self, frame, unique_id, **kwargs):
+            published.append(unique_id)
+
+    det = fly_line.fly_det
+    det.publisher = Recorder()
+    det.frame_rate.put(200.0)
+    det.exposure_time.put(0.001)
+    det.prepare({"positions": spiral_ptycho_pattern(0, 0, 0.05, 300)}).wait(30)
+    det.stage()
+    try:
+        det.kickoff().wait(5)
+        deadline = time.monotonic() + 10
+        while len(published) < 30 and time.monotonic() < deadline:  # 0.15 s at 200 Hz: not one full block
+            time.sleep(0.001)
+        det.stop()
+        with pytest.raises(Exception, match="stopped at frame"):
+            det.complete().wait(10)
+    finally:
+        det.unstage()
+    with h5py.File(det.file_path, "r") as f:
+        stored = f[FRAME_DATASET].shape[0]
+    assert 30 <= len(published) < 300 and stored == len(published)
