@@ -105,6 +105,30 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
     return meta
 
 
+def _pattern_md(plan_name: str, plan_args: dict[str, Any], xy: NDArray[np.float64], x_motor: Any, y_motor: Any,
+                pattern_args: dict[str, Any]) -> dict[str, Any]:
+    """The start-document metadata both spiral plans share (pattern, extents, motors, hints)."""
+    return {
+        "plan_name": plan_name,
+        "plan_args": plan_args,
+        "plan_pattern": "spiral_ptycho_pattern",
+        "plan_pattern_module": __name__,
+        "plan_pattern_args": pattern_args,
+        "extents": [[float(xy[:, 0].min()), float(xy[:, 0].max())],
+                    [float(xy[:, 1].min()), float(xy[:, 1].max())]],
+        "hints": {"dimensions": [(_fields(x_motor), "primary"), (_fields(y_motor), "primary")]},
+        "motors": [x_motor.name, y_motor.name],
+        "num_points": int(pattern_args["num_points"]),
+    }
+
+
+def _fields(motor: Any) -> list[str]:
+    try:
+        return list(motor.hints["fields"])
+    except (AttributeError, KeyError, TypeError):
+        return [motor.name]
+
+
 def spiral_ptycho_scan(
     detectors: Sequence[Any],
     x_motor: Any,
@@ -163,24 +187,10 @@ def spiral_ptycho_scan(
     _check_limits(y_motor, xy[:, 1])
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
-    _md: dict[str, Any] = {
-        "plan_name": "spiral_ptycho_scan",
-        "plan_args": {"detectors": list(map(repr, detectors)), "x_motor": repr(x_motor),
-                      "y_motor": repr(y_motor), **pattern_args, "exposure": exposure,
-                      "beam_size": beam_size, "labelled": labelled, "per_step": repr(per_step)},
-        "plan_pattern": "spiral_ptycho_pattern",
-        "plan_pattern_module": __name__,
-        "plan_pattern_args": pattern_args,
-        "extents": [[float(xy[:, 0].min()), float(xy[:, 0].max())],
-                    [float(xy[:, 1].min()), float(xy[:, 1].max())]],
-        "hints": {},
-        "motors": [x_motor.name, y_motor.name],
-        "num_points": int(num_points),
-    }
-    try:
-        _md["hints"]["dimensions"] = [(x_motor.hints["fields"], "primary"), (y_motor.hints["fields"], "primary")]
-    except (AttributeError, KeyError):
-        pass
+    _md = _pattern_md("spiral_ptycho_scan", {
+        "detectors": list(map(repr, detectors)), "x_motor": repr(x_motor), "y_motor": repr(y_motor), **pattern_args,
+        "exposure": exposure, "beam_size": beam_size, "labelled": labelled, "per_step": repr(per_step)},
+        xy, x_motor, y_motor, pattern_args)
 
     def inner():
         if exposure is not None:
@@ -287,19 +297,9 @@ def spiral_ptycho_flyscan(
     _check_limits(y_motor, xy[:, 1])
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
-    _md: dict[str, Any] = {
-        "plan_name": "spiral_ptycho_flyscan",
-        "plan_args": {"detector": repr(detector), "x_motor": repr(x_motor), "y_motor": repr(y_motor),
-                      **pattern_args, "rate": rate, "exposure": exposure, "labelled": labelled},
-        "plan_pattern": "spiral_ptycho_pattern",
-        "plan_pattern_module": __name__,
-        "plan_pattern_args": pattern_args,
-        "extents": [[float(xy[:, 0].min()), float(xy[:, 0].max())],
-                    [float(xy[:, 1].min()), float(xy[:, 1].max())]],
-        "hints": {"dimensions": [([x_motor.name], "primary"), ([y_motor.name], "primary")]},
-        "motors": [x_motor.name, y_motor.name],
-        "num_points": int(num_points),
-    }
+    _md = _pattern_md("spiral_ptycho_flyscan", {
+        "detector": repr(detector), "x_motor": repr(x_motor), "y_motor": repr(y_motor), **pattern_args,
+        "rate": rate, "exposure": exposure, "labelled": labelled}, xy, x_motor, y_motor, pattern_args)
 
     @bpp.stage_decorator([detector])
     def fly():
