@@ -110,6 +110,22 @@ def test_export_two_headed_ptychonn(tmp_path):
     np.testing.assert_allclose(TorchEngine(original).infer(x), phase.numpy()[:, 0], rtol=0, atol=1e-6)
 
 
+def test_onnxruntime_spinning_option_reaches_the_session(exported):
+    """allow_spinning sets ONNX Runtime's session entry; the worker's factory turns it off by default."""
+    from edge_ptycho_bluesky.edge.worker import engine_factory
+
+    def spinning(engine):
+        return engine._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+    x = _frames(3)
+    quiet = OnnxRuntimeEngine(exported, intra_op_threads=1, allow_spinning=False)
+    assert spinning(quiet) == "0"
+    assert spinning(OnnxRuntimeEngine(exported, intra_op_threads=1, allow_spinning=True)) == "1"
+    np.testing.assert_array_equal(quiet.infer(x), OnnxRuntimeEngine(exported, intra_op_threads=1).infer(x))
+    assert spinning(engine_factory("onnxruntime", threads=1)(exported)) == "0"
+    assert spinning(engine_factory("onnxruntime", threads=1, spinning=True)(exported)) == "1"
+
+
 # --- engines agree with torch ------------------------------------------------------------
 
 

@@ -160,6 +160,11 @@ class OnnxRuntimeEngine:
         default CPU only.
     output : str or None
         Output to return; default the one named ``"phase"``, else the last.
+    allow_spinning : bool or None
+        Whether idle intra-op threads busy-wait for the next operator (ONNX Runtime's
+        ``session.intra_op.allow_spinning``; ``None``: its default, on).  Spinning lowers latency on
+        an otherwise idle machine but burns whole cores between batches; on a machine shared with
+        the detector, the stitcher and Tiled (a small edge box), turn it off.
 
     Attributes
     ----------
@@ -182,6 +187,7 @@ class OnnxRuntimeEngine:
         inter_op_threads: int | None = 1,
         providers: list[str] | tuple[str, ...] | None = None,
         output: str | None = None,
+        allow_spinning: bool | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -197,6 +203,8 @@ class OnnxRuntimeEngine:
             options.intra_op_num_threads = int(intra_op_threads)
         if inter_op_threads is not None:
             options.inter_op_num_threads = int(inter_op_threads)
+        if allow_spinning is not None:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
         self.providers = list(providers) if providers is not None else ["CPUExecutionProvider"]
         try:
             self._session = ort.InferenceSession(str(self.path), sess_options=options, providers=self.providers)
