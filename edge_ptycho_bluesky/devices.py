@@ -373,6 +373,9 @@ class FlyingPtychoDetector(_SimulatedDetector):
     def collect_asset_docs(self, index: int | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
         """StreamResources once, then one StreamDatum per data key for the frames written since."""
         yield from super().collect_asset_docs(index)
+        thread = self._thread
+        if self._abort.is_set() and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)  # stopped: its last frames reach the file before they are announced
         with self._lock:
             stop = self._index if index is None else min(int(index), self._index)
             if stop > self._announced:

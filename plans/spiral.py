@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import numbers
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from bluesky.plans import list_scan
 from numpy.typing import NDArray
 
 from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
+
+logger = logging.getLogger(__name__)
 
 #: Steps above this (in um) almost certainly mean the caller gave nanometres.
 MAX_PLAUSIBLE_STEP_UM = 5.0
@@ -301,14 +304,27 @@ def spiral_ptycho_flyscan(
         "detector": repr(detector), "x_motor": repr(x_motor), "y_motor": repr(y_motor), **pattern_args,
         "rate": rate, "exposure": exposure, "labelled": labelled}, xy, x_motor, y_motor, pattern_args)
 
+    def acquire():
+        yield from bps.kickoff(detector, wait=True)
+        yield from bps.collect_while_completing([detector], [detector], flush_period=flush_period,
+                                                stream_name="primary")
+
+    def announce_written(exc: Exception):
+        """A failed or stopped fly scan: the frames taken before it are in the file; announce them
+        (StreamDatum) so that Tiled has every one, then let the exception end the run."""
+        try:
+            yield from bps.stop(detector)
+            yield from bps.collect(detector, name="primary")
+        except Exception:
+            logger.exception("%s: frames written before %r could not be announced; they are in %s",
+                             getattr(detector, "name", detector), exc, getattr(detector, "file_path", "its file"))
+
     @bpp.stage_decorator([detector])
     def fly():
         uid = yield from bps.open_run(_md)
         yield from bps.mv(detector.scan_uid, uid)
         yield from bps.declare_stream(detector, name="primary", collect=True)
-        yield from bps.kickoff(detector, wait=True)
-        yield from bps.collect_while_completing([detector], [detector], flush_period=flush_period,
-                                                stream_name="primary")
+        yield from bpp.contingency_wrapper(acquire(), except_plan=announce_written)
         yield from bps.close_run()
         return uid
 

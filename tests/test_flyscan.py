@@ -159,3 +159,88 @@ def test_a_fly_scan_stopped_midway_keeps_every_published_frame_in_the_file(fly_l
     with h5py.File(det.file_path, "r") as f:
         stored = f[FRAME_DATASET].shape[0]
     assert 30 <= len(published) < 300 and stored == len(published)
+
+
+
+def test_an_aborted_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
+    """Paused mid-flight (Ctrl-C) and aborted: the detector stops, the run ends as aborted, and Tiled
+    has every frame taken, with its position, though the last collect was long before."""
+    import threading
+
+    from bluesky.utils import RunEngineInterrupted
+
+    published: list[int] = []
+
+    class Recorder:
+        channel = "recorder"
+
+        def publish(self, frame, unique_id, **kwargs):
+            published.append(unique_id)
+
+    det = fly_line.fly_det
+    det.publisher = Recorder()
+
+    def pause_midway():
+        deadline = time.monotonic() + 30
+        while len(published) < 40 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        RE.request_pause(defer=False)
+
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    RE.subscribe(docs.cb)
+    pauser = threading.Thread(target=pause_midway, daemon=True)
+    pauser.start()
+    with pytest.raises(RunEngineInterrupted):
+        RE(spiral_ptycho_flyscan(det, fly_line.stage.x, fly_line.stage.y, step=0.05, num_points=400, rate=100,
+                                 flush_period=60.0))  # no collect before the abort
+    pauser.join(5)
+    RE.abort("test: aborted mid-flight")
+    assert docs["stop"][0]["exit_status"] == "abort"
+    taken = len(published)
+    assert 40 <= taken < 400
+    primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]
+    frames = np.asarray(primary["ptycho_fly_image"].read())
+    x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
+    assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
+    np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, 400)[:taken])
+
+def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
+    """The detector fails midway (here: stopped from outside): the run ends as failed, and Tiled has
+    every frame taken before, with its position (the StreamDatums after the last collect too)."""
+    import threading
+
+    from bluesky.utils import FailedStatus
+
+    published: list[int] = []
+
+    class Recorder:
+        channel = "recorder"
+
+        def publish(self, frame, unique_id, **kwargs):
+            published.append(unique_id)
+
+    det = fly_line.fly_det
+    det.publisher = Recorder()
+
+    def stop_midway():
+        deadline = time.monotonic() + 30
+        while len(published) < 40 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        det.stop()
+
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    RE.subscribe(docs.cb)
+    stopper = threading.Thread(target=stop_midway, daemon=True)
+    stopper.start()
+    with pytest.raises(FailedStatus):
+        RE(spiral_ptycho_flyscan(det, fly_line.stage.x, fly_line.stage.y, step=0.05, num_points=400, rate=200,
+                                 flush_period=10.0))  # no collect before the failure: all announced after it
+    stopper.join(5)
+    assert docs["stop"][0]["exit_status"] == "fail"
+    taken = len(published)
+    assert 40 <= taken < 400
+    primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]
+    frames = np.asarray(primary["ptycho_fly_image"].read())
+    x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
+    assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
+    np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, 400)[:taken])
