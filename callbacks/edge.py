@@ -102,7 +102,8 @@ class FrameForwarder(IsolatedCallback):
         self.publisher = publisher
         self._image_key_default = image_key
         self.read_timeout = read_timeout
-        self._queue: queue.Queue[tuple[str, Path, str, int, int, tuple[float, float]] | None] = queue.Queue(queue_size)
+        self._queue: queue.Queue[tuple[str, Path, str, int, int, tuple[float, float], dict[str, Any]] | None] = (
+            queue.Queue(queue_size))
         self._next_unique_id = 1
         self.sent = 0
         self.dropped = 0
@@ -115,6 +116,7 @@ class FrameForwarder(IsolatedCallback):
     def _reset(self) -> None:
         self._uid: str | None = None
         self._image_key: str | None = self._image_key_default
+        self._run_attributes: dict[str, Any] = {}
         self._descriptors: set[str] = set()
         self._resources: dict[str, tuple[Path, str, str]] = {}
         self._frames: deque[tuple[Path, str, int]] = deque()
@@ -133,6 +135,9 @@ class FrameForwarder(IsolatedCallback):
             return
         self._uid = doc["uid"]
         self._image_key = self._image_key_default or doc.get("edge_ptycho", {}).get("image_key")
+        exposure = doc.get("edge_ptycho", {}).get("exposure_s")
+        # the worker scales each frame to its model's training exposure by this attribute
+        self._run_attributes = {"exposure_s": float(exposure)} if isinstance(exposure, (int, float)) else {}
         self._fields = _motor_fields(doc)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
@@ -172,7 +177,7 @@ class FrameForwarder(IsolatedCallback):
         while self._frames and self._positions:
             path, dataset, index = self._frames.popleft()
             seq_num, pos = self._positions.popleft()
-            job = (self._uid or "", path, dataset, index, seq_num, pos)
+            job = (self._uid or "", path, dataset, index, seq_num, pos, self._run_attributes)
             try:
                 self._queue.put_nowait(job)
             except queue.Full:
@@ -219,10 +224,11 @@ class FrameForwarder(IsolatedCallback):
             try:
                 if job is None:
                     return
-                scan_uid, path, dataset, index, seq_num, pos = job
+                scan_uid, path, dataset, index, seq_num, pos, run_attributes = job
                 frame = self._read_frame(path, dataset, index)
                 self.publisher.publish(frame, self._next_unique_id, pos=self._position(pos), scan_uid=scan_uid,
-                                       attributes={"frame_index": int(index), "seq_num": int(seq_num)})
+                                       attributes={"frame_index": int(index), "seq_num": int(seq_num),
+                                                   **run_attributes})
                 self._next_unique_id += 1
                 self.sent += 1
             except Exception:

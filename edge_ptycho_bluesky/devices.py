@@ -386,6 +386,7 @@ class FlyingPtychoDetector(_SimulatedDetector):
     def _acquire(self, rate: float, started: Status) -> None:
         """The acquisition thread: publish each frame on time; a writer thread appends HDF5 blocks."""
         frames, xy, uid = self._frames, self._xy, str(self.scan_uid.get())
+        exposure = float(self.exposure_time.get())  # sent with each frame: the worker scales counts by it
         assert frames is not None and xy is not None and self._complete is not None
         blocks: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
         writer_error: list[BaseException] = []
@@ -413,7 +414,7 @@ class FlyingPtychoDetector(_SimulatedDetector):
                 elif delay < -period:
                     late += 1
                 self.publisher.publish(frames[i], i + 1, pos=(float(xy[i, 0]), float(xy[i, 1])), scan_uid=uid,
-                                       attributes={"frame_index": i})
+                                       attributes={"frame_index": i, "exposure_s": exposure})
                 if self._abort.is_set():
                     raise RuntimeError(f"{self.name}: fly scan stopped at frame {i}")
                 if (i + 1) % self.block_frames == 0 or i + 1 == len(frames):

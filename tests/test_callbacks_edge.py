@@ -136,6 +136,27 @@ def test_forwarding_failures_never_stop_the_scan(RE, beamline):
     assert stitch_cb.results[uid].missing == [0, 1, 2, 3, 4]
 
 
+
+def test_forwarded_frames_carry_the_exposure_of_their_scan(RE, beamline):
+    """Each frame goes out with its run's exposure (``exposure_s``), by which the worker brings it to
+    the count level its model was trained on."""
+    sent: list[dict] = []
+
+    class Recorder:
+        def publish(self, frame, unique_id, **kwargs):
+            sent.append(kwargs["attributes"])
+
+    forwarder = FrameForwarder(Recorder())
+    try:
+        RE.subscribe(forwarder)
+        RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05, num_points=4,
+                              exposure=0.003))
+        assert forwarder.flush(10)
+    finally:
+        forwarder.close()
+    assert [a["frame_index"] for a in sent] == [0, 1, 2, 3]
+    assert all(a["exposure_s"] == pytest.approx(0.003) for a in sent)
+
 def test_callback_errors_are_counted_not_raised(RE, beamline):
     stitch_cb = LiveStitchCallback(wait_timeout=0.1)
     stitch_cb("start", {"uid": "x", "time": 0})  # no geometry: cannot place patches

@@ -407,6 +407,41 @@ def test_the_input_scale_recorded_with_a_version_is_applied(tmp_path: Path) -> N
         np.testing.assert_allclose(p.phase, 2.0 * 0.25 * 3.0 * frames[p.unique_id - 1], rtol=1e-6)
 
 
+
+def test_frames_are_scaled_to_the_exposure_the_model_was_trained_with(tmp_path: Path) -> None:
+    """A 0.5 ms fly-scan frame reaches a model trained on 10 ms frames with 20x its counts (the
+    version's ``extra.preprocess.exposure_s``, else ``reference_exposure_s``); frames without an
+    ``exposure_s`` attribute, or with a nonsense one, are left as they are and still inferred."""
+    reg = ModelRegistry(tmp_path / "models")
+    reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)},
+                extra={"preprocess": {"scale": 0.5, "exposure_s": 0.01}})
+    assert reg.current().input_exposure_s == 0.01
+    frames = frames_u16(4, seed=5)
+    exposures = [0.0005, 0.01, None, -1.0]
+    expected = [20.0, 1.0, 1.0, 1.0]
+
+    def run(source_of_models: Any, config: WorkerConfig) -> dict[int, np.ndarray]:
+        src, sink = InProcessFrameSource(), InProcessPatchSink()
+        with EdgeWorker(source_of_models, src, sink, config) as worker:
+            for i, (f, e) in enumerate(zip(frames, exposures), start=1):
+                src.publish(f, i, pos=(0.0, 0.0), attributes={} if e is None else {"exposure_s": e})
+            assert sink.wait_for(4, 10.0)
+        assert worker.stats().inferred == 4
+        return {p.unique_id: p.phase for p in sink.patches}
+
+    got = run(RegistryModelSource(reg, ORT), WorkerConfig(max_wait_ms=20.0))
+    for i, factor in enumerate(expected, start=1):
+        np.testing.assert_allclose(got[i], 2.0 * 0.5 * factor * frames[i - 1], rtol=1e-6)
+    # a model file without a recorded exposure: the worker option stands in; without it, no scaling
+    plain = make_onnx(tmp_path / "b.onnx", 2.0)
+    got = run(FileModelSource(plain, ORT), WorkerConfig(max_wait_ms=20.0, reference_exposure_s=0.002))
+    np.testing.assert_allclose(got[1], 2.0 * 4.0 * frames[0], rtol=1e-6)
+    got = run(FileModelSource(plain, ORT), WorkerConfig(max_wait_ms=20.0))
+    np.testing.assert_allclose(got[1], 2.0 * frames[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="reference_exposure_s"):
+        WorkerConfig(reference_exposure_s=0.0)
+
+
 # -- pvAccess on loopback ---------------------------------------------------------------------
 
 

@@ -212,12 +212,14 @@ def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, 
     from bluesky.utils import FailedStatus
 
     published: list[int] = []
+    exposures: set[float] = set()
 
     class Recorder:
         channel = "recorder"
 
         def publish(self, frame, unique_id, **kwargs):
             published.append(unique_id)
+            exposures.add(kwargs["attributes"]["exposure_s"])  # the worker scales counts by it
 
     det = fly_line.fly_det
     det.publisher = Recorder()
@@ -237,6 +239,7 @@ def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, 
                                  flush_period=10.0))  # no collect before the failure: all announced after it
     stopper.join(5)
     assert docs["stop"][0]["exit_status"] == "fail"
+    assert len(exposures) == 1 and exposures.pop() == pytest.approx(1 / 200)
     taken = len(published)
     assert 40 <= taken < 400
     primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]

@@ -481,3 +481,18 @@ def test_cli_trains_and_publishes(tmp_path: Path, scan_b: LabelledScan,
     assert mv is not None and mv.version in out
     assert mv.training_data == ("scan-b",) and mv.manifest["extra"]["preprocess"]["scale"] == 1e-3
     assert os.path.isfile(tmp_path / "w" / "increment_0001" / "curves.png")
+
+
+def test_corpus_exposure_is_recorded_only_when_every_scan_agrees():
+    from types import SimpleNamespace
+
+    from edge_ptycho_bluesky.training.trainer import corpus_exposure
+
+    def scans(*exposures):
+        return [SimpleNamespace(metadata={} if e is None else {"exposure_s": e}) for e in exposures]
+
+    assert corpus_exposure(scans(0.01, 0.01)) == 0.01
+    assert corpus_exposure(scans(0.01, 0.02)) is None  # mixed: nothing the worker could scale to
+    assert corpus_exposure(scans(0.01, None)) is None
+    assert corpus_exposure(scans(None)) is None
+    assert corpus_exposure(scans(-1.0)) is None

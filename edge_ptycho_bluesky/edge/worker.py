@@ -40,6 +40,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import queue
 import signal
 import sys
@@ -131,13 +132,18 @@ class LoadedModel:
     input_scale : float or None
         The count scale the model was trained with (a registry version's
         ``extra.preprocess.scale``), applied to every preprocessed batch on top of the
-        worker's own ``scale`` option (an exposure ratio); ``None``: none.
+        worker's own ``scale`` option; ``None``: none.
+    input_exposure_s : float or None
+        The exposure time of the training frames (``extra.preprocess.exposure_s``): a frame with
+        an ``exposure_s`` attribute is scaled by ``input_exposure_s / exposure_s``; ``None``: not
+        recorded (then :attr:`WorkerConfig.reference_exposure_s`, if set, stands in).
     """
 
     engine: Engine
     version: str
     path: Path
     input_scale: float | None = None
+    input_exposure_s: float | None = None
 
 
 class ModelRefused(RuntimeError):
@@ -280,7 +286,7 @@ class RegistryModelSource:
                                            f"load: {type(exc).__name__}: {exc}") from exc
         smoke_test(engine, mv.version)
         self._loaded_version = mv.version
-        return LoadedModel(engine, mv.version, mv.onnx_path, mv.input_scale)
+        return LoadedModel(engine, mv.version, mv.onnx_path, mv.input_scale, mv.input_exposure_s)
 
     def _token_changed(self) -> bool:
         from ..training.registry import RegistryError
@@ -382,6 +388,11 @@ class WorkerConfig:
         Latency samples kept for the percentiles.
     log_period_s : float
         Each drop reason is logged at most once per this period (with a count).
+    reference_exposure_s : float or None
+        Exposure time (s) the model was trained with, for models whose registry entry does not
+        record it (``LoadedModel.input_exposure_s`` wins when it does).  With one known, each
+        frame carrying an ``exposure_s`` attribute (the fly-scan detector's, the forwarder's) is
+        scaled to it; frames without the attribute are left as they are.
     """
 
     batch_size: int = 8
@@ -396,6 +407,7 @@ class WorkerConfig:
     poll_period_s: float = 0.5
     latency_window: int = 20000
     log_period_s: float = 5.0
+    reference_exposure_s: float | None = None
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -411,6 +423,9 @@ class WorkerConfig:
             np.dtype(name)  # raises TypeError for an unknown dtype name
         if self.frame_shape is not None and len(self.frame_shape) != 2:
             raise ValueError(f"frame_shape must be (rows, cols) or None, got {self.frame_shape!r}")
+        if self.reference_exposure_s is not None and not self.reference_exposure_s > 0:
+            raise ValueError(f"reference_exposure_s must be a positive time in seconds, got "
+                             f"{self.reference_exposure_s!r}")
 
 
 @dataclass(frozen=True)
@@ -849,6 +864,23 @@ class EdgeWorker:
         logger.info("hot swap: model %s -> %s (%s), between batches",
                     old.version if old else None, new.version, new.engine.name)
 
+    def _exposure_factors(self, items: list[_Item], model: LoadedModel) -> NDArray[np.float32] | None:
+        """Per-frame count factors ``t_model / t_frame`` (None: nothing to scale)."""
+        reference = model.input_exposure_s or self.config.reference_exposure_s
+        if reference is None:
+            return None
+        exposures = [it.frame.attributes.get("exposure_s") for it in items]
+        if all(e is None for e in exposures):
+            return None
+        factors = np.ones(len(items), np.float32)
+        for k, e in enumerate(exposures):
+            if isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) and e > 0:
+                factors[k] = reference / e
+            elif e is not None:
+                self._log.warning("bad_exposure", "frame uniqueId=%d: exposure_s attribute %r is not a positive "
+                                  "time; its counts are not scaled", items[k].frame.unique_id, e)
+        return factors
+
     def _infer(self, items: list[_Item]) -> None:
         n = len(items)
         model = self._model
@@ -861,6 +893,9 @@ class EdgeWorker:
             x = self._preprocess(np.stack([it.frame.data for it in items]))
             if model.input_scale is not None:
                 x *= np.float32(model.input_scale)  # in place: preprocess returns a fresh array
+            factors = self._exposure_factors(items, model)
+            if factors is not None:
+                x *= factors[:, None, None, None]
         except Exception as exc:
             self._drop("preprocess_error", f"{type(exc).__name__}: {exc}", first_uid, n)
             return
@@ -1018,6 +1053,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="infer frames that carry no pos_x/pos_y attributes")
     p.add_argument("--scale", type=float, default=None,
                    help="count scale factor applied after binning (see model.preprocess)")
+    p.add_argument("--reference-exposure", type=float, default=None, metavar="SECONDS",
+                   help="exposure the model was trained with, when its registry entry does not record "
+                        "it: frames carrying an exposure_s attribute are scaled to it")
     p.add_argument("--crop-to", type=int, default=None,
                    help="centre-crop frames to this size before binning (e.g. 512 for 516 x 516)")
     p.add_argument("--status-period", type=float, default=1.0, help="seconds (default 1)")
@@ -1042,7 +1080,7 @@ def _config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                         queue_size=args.queue_size, require_position=args.require_position,
                         preprocess_options=pre, status_period_s=args.status_period,
-                        poll_period_s=args.poll_period)
+                        poll_period_s=args.poll_period, reference_exposure_s=args.reference_exposure)
 
 
 def run_worker(args: argparse.Namespace) -> int:

@@ -410,8 +410,10 @@ def _labels_from_run(run: Any, scan_uid: str, config: JobConfig, timings: dict[s
     result = recon_from_run(run, options=options, **kwargs)
     timings["rpie"] = time.perf_counter() - t
     t = time.perf_counter()
-    labelled = labels_from_reconstruction(result, frames, scan_uid=scan_uid,
-                                          metadata={"labelled_by": "retraining_job"})
+    provenance: dict[str, Any] = {"labelled_by": "retraining_job"}
+    if isinstance(meta.get("exposure_s"), (int, float)):
+        provenance["exposure_s"] = float(meta["exposure_s"])  # the deployed model records it (worker scaling)
+    labelled = labels_from_reconstruction(result, frames, scan_uid=scan_uid, metadata=provenance)
     timings["labels"] = time.perf_counter() - t
     return labelled
 

@@ -198,6 +198,13 @@ class ModelVersion:
         return None if value is None else float(value)
 
     @property
+    def input_exposure_s(self) -> float | None:
+        """The exposure time (s) of the training frames (``extra.preprocess.exposure_s``), or None
+        (not recorded); the worker scales frames of other exposures to it."""
+        value = ((self.manifest.get("extra") or {}).get("preprocess") or {}).get("exposure_s")
+        return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+    @property
     def validation_ssim(self) -> float | None:
         """SSIM on the validation data recorded at training, or None."""
         value = self.manifest.get("validation_ssim")

@@ -24,7 +24,9 @@ normalisation) with ``scale=config.count_scale``. The network is not invariant t
 level, so the scale a model was trained with is part of the model: :meth:`ContinualTrainer.
 export_and_publish` records it in the registry manifest as ``extra["preprocess"] =
 {"scale": ...}``, and the edge worker must run ``preprocess(frames, scale=...)`` with that value
-(multiplied by any exposure ratio ``t_train / t_now``); the worker reads it from the manifest.
+(multiplied by the exposure ratio ``t_train / t_frame``); the worker reads both from the manifest
+(``exposure_s`` is recorded when the training scans record it) and each frame's exposure from its
+``exposure_s`` attribute.
 ``count_scale=None`` keeps raw counts, as the paper's edge code does. The default, ``"auto"``,
 picks the scale on the first increment so that the brightest training pixel is about
 :data:`AUTO_BRIGHTEST` (100; rounded to one significant figure), and a warm start from a registry
@@ -53,7 +55,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from types import EllipsisType
@@ -83,6 +85,7 @@ __all__ = [
     "TrainResult",
     "add_subcommand",
     "auto_count_scale",
+    "corpus_exposure",
     "evaluate_scan",
     "fit",
     "load_labelled_scan_from_tiled",
@@ -1083,6 +1086,24 @@ def evaluate_scan(
 # --------------------------------------------------------------------------------------------
 
 
+def corpus_exposure(scans: Iterable[Any]) -> float | None:
+    """The exposure time (s) the training frames were taken with, when every scan records the same
+    one (``LabelledScan.metadata["exposure_s"]``); else None.
+
+    Published models record it (``extra.preprocess.exposure_s``) so that the edge worker can bring
+    frames of any other exposure (a 0.5 ms fly-scan frame against 10 ms training frames) to the
+    count level the network was trained on.
+    """
+    values = {(scan.metadata or {}).get("exposure_s") for scan in scans}
+    if len(values) != 1:
+        if len(values - {None}) > 1:
+            logger.warning("training scans have different exposures %s: no exposure recorded with the model",
+                           sorted(v for v in values if v is not None))
+        return None
+    (value,) = values
+    return float(value) if isinstance(value, (int, float)) and value > 0 else None
+
+
 class ContinualTrainer:
     """Train a PtychoNN on a corpus that grows scan by scan, warm-starting each increment.
 
@@ -1329,7 +1350,8 @@ class ContinualTrainer:
             As for :meth:`ModelRegistry.publish`.
         extra : mapping, optional
             More metadata; the trainer adds ``preprocess`` (``{"scale": count_scale}``, which
-            the edge worker must apply) and ``training`` (the last increment's summary).
+            the edge worker must apply, and ``exposure_s`` when the corpus records one exposure:
+            :func:`corpus_exposure`) and ``training`` (the last increment's summary).
 
         Returns
         -------
@@ -1350,6 +1372,9 @@ class ContinualTrainer:
         if parent is ...:
             parent = self.parent_version
         meta: dict[str, Any] = {"preprocess": {"scale": self.count_scale}}
+        exposure = corpus_exposure(self.corpus)
+        if exposure is not None:
+            meta["preprocess"]["exposure_s"] = exposure
         if self.last_result is not None:
             meta["training"] = {**self.last_result.summary(), "increment": self.increment}
         meta.update(dict(extra or {}))
