@@ -478,6 +478,31 @@ def test_a_retry_after_a_lost_attempt_that_published_does_not_train_again(storag
     assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
 
 
+def test_a_retry_after_a_lost_attempt_that_published_without_deploying_does_not_train_again(
+        storage_config, tmp_path):
+    """Attempt 1 trained, fell below the deployment gate, published v0002 without deploying it, and
+    was lost: attempt 2 validates again, comes to the same decision and reports v0002 (not deployed)."""
+    from edge_ptycho_bluesky.recon.labels import LabelledScan
+    from edge_ptycho_bluesky.training.corpus import TrainingCorpus
+
+    cfg = job_config(tmp_path, storage_config, ALWAYS_RETRAIN)
+    rng = np.random.default_rng(0)
+    TrainingCorpus(directory=cfg.corpus_dir).add(LabelledScan(
+        frames=rng.poisson(5.0, (6, 128, 128)).astype(np.float32),
+        phases=rng.normal(0, 0.3, (6, 128, 128)).astype(np.float32),
+        positions=np.column_stack([np.arange(6) * 8.0, np.zeros(6)]), scan_uid="scan-1", pixel_size_nm=10.0))
+    registry = deploy_tiny(tmp_path)
+    registry.publish({"model.onnx": tiny_onnx(tmp_path / "t2.onnx", 2.0)}, model="tiny", validation_ssim=0.05,
+                     deploy=False, extra={"job_id": "job-1", "trigger_scan": "scan-1"})
+    result = run_retraining_job(JobRequest("scan-1", cfg, now=10.0, job_id="job-1", attempt=2))
+    assert (result.status, result.published_version, result.deployed) == ("retrained", "v0002", False)
+    assert "train" not in result.timings and result.validation_ssim == 0.05
+    assert registry.current().version == "v0001"
+    assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
+    # another job (or a first attempt) does train
+    result = run_retraining_job(JobRequest("scan-1", cfg, now=20.0, job_id="job-2", attempt=2))
+    assert "train" in result.timings and result.published_version == "v0003"
+
 def test_a_retrained_model_far_below_the_deployed_one_is_published_but_not_deployed(
         RE, beamline, tiled_client, storage_config, tmp_path):
     """The deployment gate (``max_ssim_drop``): here an impossible one, new SSIM >= deployed + 2."""

@@ -381,6 +381,17 @@ def _published_by_this_job(mv: Any, request: JobRequest) -> dict[str, Any] | Non
     return dict(decision) if isinstance(decision, Mapping) else {"action": "train"}
 
 
+def _undeployed_by_this_job(registry: Any, request: JobRequest) -> Any:
+    """The version an earlier attempt of this job published without deploying it (its model fell
+    below the deployment gate) before it was lost, or None: a retry reports it instead of training again."""
+    if request.attempt == 1:
+        return None
+    current = registry.current_version()
+    mine = [mv for mv in registry.versions()
+            if (mv.manifest.get("extra") or {}).get("job_id") == request.job_id and mv.version != current]
+    return mine[-1] if mine else None
+
+
 def _stored_labels(client: Any, uid: str) -> Any:
     """Labels of ``uid`` stored in Tiled (``recon.labels.find_labels``), or None."""
     try:
@@ -533,6 +544,11 @@ def run_retraining_job(request: JobRequest) -> JobResult:
         decision = policy.record_validation(max(-1.0, min(1.0, ssim_value)), expected=mv.validation_ssim,
                                             scan_uid=uid, now=request.now)
 
+    undeployed = _undeployed_by_this_job(registry, request) if decision.needs_training and published is None else None
+    if undeployed is not None:
+        published, validation_ssim, deployed = undeployed.version, undeployed.validation_ssim, False
+        logger.warning("retraining job %s: attempt %d finds %s published (not deployed) by an earlier attempt; "
+                       "not training again", request.job_id, request.attempt, undeployed.version)
     if decision.needs_training and published is None:
         from .trainer import ContinualTrainer
 
