@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -64,6 +66,17 @@ def make_model(variant: str, tmp: Path, fast_weights: Path | None) -> Path:
     return path
 
 
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system, all threads) of a process so far, from ``/proc`` (None: unknown)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def fly(rate: float, variant: str, model: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from bluesky import RunEngine
 
@@ -92,12 +105,37 @@ def fly(rate: float, variant: str, model: Path, args: argparse.Namespace, tmp: P
         status_pv=f"fly:{tag}:status", engine="onnxruntime",
         worker_args=("--threads", str(args.threads), "--batch-size", str(args.batch),
                      "--queue-size", str(args.queue_size), "--status-period", "0.5")), plot=False)
+    cpu: dict[str, Any] = {}
+    last_patch = threading.Event()
+
+    def watch_cpu() -> None:
+        """CPU of both processes from the start document (after prepare, which simulates the
+        frames) to the last patch stitched (before the stitcher stores the derived run)."""
+        while not last_patch.wait(0.01):
+            run = session.stitch._run
+            if run is not None and "re" in cpu and run.stitcher.n_patches >= args.points:
+                cpu.update(re_end=time.process_time(), worker_end=cpu_seconds(cpu["worker_pid"]))
+                return
+
+    def cpu_at_start(name: str, doc: dict[str, Any]) -> None:
+        if name == "start":
+            worker = session.worker.pid if session.worker is not None else None
+            cpu.update(re=time.process_time(), worker=cpu_seconds(worker), worker_pid=worker)
+
+    RE.subscribe(cpu_at_start)
+    watcher = threading.Thread(target=watch_cpu, daemon=True)
+    watcher.start()
     try:
         session.attach_fly_detector(line.fly_det)
         session.stitch.wait_timeout = args.drain_s
         (uid,) = RE(spiral_ptycho_flyscan(line.fly_det, line.stage.x, line.stage.y, step=0.05,
                                           num_points=args.points, rate=rate, route=route))
         live = session.stitch.results[uid]
+        last_patch.set()
+        watcher.join()
+        cpu_re = cpu["re_end"] - cpu["re"] if "re_end" in cpu else None
+        cpu_worker = (cpu["worker_end"] - cpu["worker"]
+                      if cpu.get("worker_end") is not None and cpu.get("worker") is not None else None)
         stored = get_run(client, uid)["primary"]
         stored_frames = len(stored["stage_x"].read())
     finally:
@@ -110,7 +148,9 @@ def fly(rate: float, variant: str, model: Path, args: argparse.Namespace, tmp: P
                   frames_published=det["frames"], frames_inferred=inferred, drops=len(live.missing),
                   fps=inferred / span, latency_p50_ms=stats.get("e2e_p50_ms"),
                   latency_p99_ms=stats.get("e2e_p99_ms"), mode="fly scan", threads=args.threads,
-                  publish_rate=det["rate_hz"], drop_reasons=drops, frames_in_tiled=stored_frames)
+                  publish_rate=det["rate_hz"], drop_reasons=drops, frames_in_tiled=stored_frames,
+                  cpu_ms_per_frame_runengine=None if cpu_re is None else 1e3 * cpu_re / max(det["frames"], 1),
+                  cpu_ms_per_frame_worker=None if cpu_worker is None else 1e3 * cpu_worker / max(det["frames"], 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     print(f"fly scans of {args.points} frames; worker: ONNX Runtime, {args.threads} threads, batch {args.batch}; "
           f"{machine()}", flush=True)
-    print("| variant | rate (Hz) | published | inferred | dropped | inferred/s | p50 ms | p99 ms | in Tiled |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("| variant | rate (Hz) | published | inferred | dropped | inferred/s | p50 ms | p99 ms | in Tiled "
+          "| CPU ms/frame RunEngine | CPU ms/frame worker |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_flyscan_") as tmpdir:
         tmp = Path(tmpdir)
@@ -146,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(r)
                 print(f"| {variant} | {rate:g} | {r['frames_published']} | {r['frames_inferred']} | {r['drops']} | "
                       f"{r['fps']:.0f} | {r['latency_p50_ms'] or float('nan'):.1f} | "
-                      f"{r['latency_p99_ms'] or float('nan'):.1f} | {r['frames_in_tiled']} |", flush=True)
+                      f"{r['latency_p99_ms'] or float('nan'):.1f} | {r['frames_in_tiled']} | "
+                      f"{r['cpu_ms_per_frame_runengine'] or float('nan'):.2f} | "
+                      f"{r['cpu_ms_per_frame_worker'] or float('nan'):.2f} |",
+                      flush=True)
     write_json(args.json, records)
     return 0
 
