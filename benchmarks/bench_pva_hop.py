@@ -55,14 +55,14 @@ def subscriber(channel: str, decode: bool, seconds: float) -> None:
     print(json.dumps({"messages": n, "cpu_us_per_message": 1e6 * cpu / max(n, 1)}), flush=True)
 
 
-def publish(rate: float, seconds: float, decode: bool, pre_encoded: bool) -> dict[str, Any]:
+def publish(rate: float, seconds: float, decode: bool, pre_encoded: bool, rows: int = 128) -> dict[str, Any]:
     """Serve updates at ``rate`` to a subscriber process; CPU per message on both sides."""
     import pvaccess as pva
 
     from edge_ptycho_bluesky.edge.ntnda import encode_frame
 
     channel = f"bench:hop:{uuid.uuid4().hex[:8]}"
-    data = np.random.default_rng(0).random((128, 128), dtype=np.float32)
+    data = np.random.default_rng(0).random((rows, 128), dtype=np.float32)
     n = int(rate * (seconds + 2.5))
 
     def encode(i: int) -> Any:
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rate", type=float, default=2000.0, help="updates per second (default 2000)")
     p.add_argument("--seconds", type=float, default=4.0, help="measured seconds per case (default 4)")
+    p.add_argument("--rows", type=int, default=128, help="image rows (128 x 128 float32 = 64 KiB; 32: 16 KiB)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--subscriber", default=None, help=argparse.SUPPRESS)
     p.add_argument("--decode", action="store_true", help=argparse.SUPPRESS)
@@ -101,15 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.subscriber:
         subscriber(args.subscriber, args.decode, args.seconds)
         return 0
-    print(f"one pvAccess hop, 128 x 128 float32 NTNDArray at {args.rate:g} Hz; {machine()}", flush=True)
+    print(f"one pvAccess hop, {args.rows} x 128 float32 NTNDArray at {args.rate:g} Hz; {machine()}", flush=True)
     print("| case | publisher CPU us/msg | subscriber CPU us/msg | published/s | received |")
     print("|---|---:|---:|---:|---:|", flush=True)
     records = []
     for case, pre_encoded, decode in (("encode + serve / receive", False, False),
                                       ("serve pre-encoded / receive", True, False),
                                       ("encode + serve / receive + decode", False, True)):
-        r = publish(args.rate, args.seconds, decode, pre_encoded)
-        records.append(record("pva_hop", engine=None, model=None, rate=args.rate, case=case, **r))
+        r = publish(args.rate, args.seconds, decode, pre_encoded, args.rows)
+        records.append(record("pva_hop", engine=None, model=None, rate=args.rate, case=case, rows=args.rows, **r))
         print(f"| {case} | {r['publisher_cpu_us_per_message']:.0f} | {r['subscriber_cpu_us_per_message']:.0f} | "
               f"{r['publish_rate']:.0f} | {r['messages_received']} |", flush=True)
     write_json(args.json, records)
