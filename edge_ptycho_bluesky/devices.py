@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -41,6 +42,16 @@ logger = logging.getLogger(__name__)
 #: HDF5 dataset that holds the frames, as areaDetector's HDF5 plugin names it.
 FRAME_DATASET = "/entry/data/data"
 
+
+def _available_memory() -> int:
+    """Bytes of memory available now (Linux ``MemAvailable``; physical memory elsewhere)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 class PiezoAxis(SynAxis):
     """A simulated piezo axis in micrometres that refuses moves outside its travel."""
@@ -268,6 +279,8 @@ class FlyingPtychoDetector(_SimulatedDetector):
         self._abort = threading.Event()
         self._complete: Status | None = None
         self.stats: dict[str, float] = {}
+        #: Most memory ``prepare`` may use for the simulated frames (None: half the available memory).
+        self.max_prepare_bytes: int | None = None
         self.exposure_time.put(0.0005)
 
     @property
@@ -296,10 +309,21 @@ class FlyingPtychoDetector(_SimulatedDetector):
             if values.min() < low or values.max() > high:
                 raise LimitError(f"{axis.name}: the trajectory spans [{values.min():.4g}, {values.max():.4g}] um, "
                                  f"outside the travel [{low}, {high}] um")
+        need = len(xy) * int(np.prod(self.frame_shape)) * 4  # uint32 counts
+        limit = self.max_prepare_bytes if self.max_prepare_bytes is not None else _available_memory() // 2
+        if need > limit:
+            raise ValueError(f"{self.name}: a fly scan of {len(xy)} frames needs {need / 2**30:.2f} GiB to simulate "
+                             f"(the simulated detector computes every frame before the flight), more than the "
+                             f"{limit / 2**30:.2f} GiB allowed (half the available memory, or max_prepare_bytes): "
+                             f"split the scan or lower num_points")
         exposure = float(self.exposure_time.get())
         t0 = time.perf_counter()
-        self._frames = np.concatenate([self.sample.measure(xy[i:i + 256], exposure, self._rng)
-                                       for i in range(0, len(xy), 256)])
+        chunks = range(0, len(xy), 256)
+        if len(xy) > 2000:  # ~5 ms a frame: show progress beyond ~10 s
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc=f"{self.name}: simulating {len(xy)} frames", unit="x256 frames", leave=False)
+        self._frames = np.concatenate([self.sample.measure(xy[i:i + 256], exposure, self._rng) for i in chunks])
         self._xy = xy
         logger.info("%s: %d frames simulated for the fly scan in %.1f s", self.name, len(xy), time.perf_counter() - t0)
         status = Status(obj=self)

@@ -247,3 +247,13 @@ def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, 
     x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
     assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
     np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, 400)[:taken])
+
+
+def test_a_fly_scan_too_large_to_simulate_in_memory_is_refused_before_it_starts(fly_line):
+    det = fly_line.fly_det
+    det.max_prepare_bytes = 2**20  # 1 MiB: 16 frames of 64 KiB
+    with pytest.raises(ValueError, match=r"100 frames needs 0\.01 GiB .* split the scan or lower num_points"):
+        det.prepare({"positions": spiral_ptycho_pattern(0, 0, 0.05, 100)})
+    assert det.prepare({"positions": spiral_ptycho_pattern(0, 0, 0.05, 16)}).done
+    det.max_prepare_bytes = None  # half the available memory: the paper's 963 frames are 63 MiB
+    assert det.prepare({"positions": spiral_ptycho_pattern(0, 0, 0.05, 20)}).done
