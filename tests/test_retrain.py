@@ -515,6 +515,8 @@ def test_a_retrained_model_far_below_the_deployed_one_is_published_but_not_deplo
     assert "v0002 NOT deployed" in result.reason
     assert registry.current().version == "v0001"          # the deployed model stays
     assert [v.version for v in registry.versions()] == ["v0001", "v0002"]
+    # the new model records the exposure its training frames were taken with (the worker scales to it)
+    assert registry.get("v0002").input_exposure_s == pytest.approx(beamline.det.exposure_time.get())
     # a gate any model passes: the same job deploys its model
     cfg = job_config(tmp_path / "open", storage_config, ALWAYS_RETRAIN, max_ssim_drop=2.0)
     registry = deploy_tiny(tmp_path / "open")

@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -421,10 +421,8 @@ def _labels_from_run(run: Any, scan_uid: str, config: JobConfig, timings: dict[s
     result = recon_from_run(run, options=options, **kwargs)
     timings["rpie"] = time.perf_counter() - t
     t = time.perf_counter()
-    provenance: dict[str, Any] = {"labelled_by": "retraining_job"}
-    if isinstance(meta.get("exposure_s"), (int, float)):
-        provenance["exposure_s"] = float(meta["exposure_s"])  # the deployed model records it (worker scaling)
-    labelled = labels_from_reconstruction(result, frames, scan_uid=scan_uid, metadata=provenance)
+    labelled = labels_from_reconstruction(result, frames, scan_uid=scan_uid,
+                                          metadata={"labelled_by": "retraining_job"})
     timings["labels"] = time.perf_counter() - t
     return labelled
 
@@ -502,6 +500,10 @@ def run_retraining_job(request: JobRequest) -> JobResult:
         except Exception:
             _forget_client(cfg.storage)  # reconnect on the next attempt
             raise
+        exposure = start_doc["edge_ptycho"].get("exposure_s")
+        if isinstance(exposure, (int, float)) and "exposure_s" not in labelled.metadata:
+            # the model trained on these labels records it; the worker scales other exposures to it
+            labelled = replace(labelled, metadata={**labelled.metadata, "exposure_s": float(exposure)})
         final = labelled.metadata.get("final_error")
         rpie_error = None if final is None else float(final)
         corpus.add(labelled)
