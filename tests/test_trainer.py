@@ -31,7 +31,6 @@ from edge_ptycho_bluesky.training.trainer import (
     evaluate_scan,
     dihedral,
     fit,
-    load_labelled_scan_from_tiled,
     loss_window,
     prepare_inputs,
     triangular2_lr,
@@ -449,17 +448,33 @@ def test_mixed_precision_on_cuda(scan_b: LabelledScan) -> None:
 # CLI
 
 
-def test_cli_registers_train_and_refuses_scan_uids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_trains_on_a_stored_scan_by_uid(tmp_path: Path, RE, beamline, tiled_client, storage_config,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """``edge-ptycho train --scan UID`` labels a stored scan with rPIE (no labels stored for it) and
+    publishes a model that records the scan's exposure; a wrong uid is a clear error."""
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+    from edge_ptycho_bluesky.training.registry import ModelRegistry
+
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05, num_points=12,
+                                   exposure=0.004))
+    monkeypatch.setenv("EDGE_PTYCHO_DATA_DIR", str(storage_config.data_dir))
+    monkeypatch.delenv("EDGE_PTYCHO_TILED_URI", raising=False)
     parser = argparse.ArgumentParser(prog="edge-ptycho")
     add_subcommand(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["train", "--scan", "abc123", "--registry", str(tmp_path / "r"),
-                              "--epochs", "3", "--no-warm-start", "--ddp-procs", "2"])
-    assert (args.epochs, args.warm_start, args.ddp_procs, args.scan) == (3, False, 2, ["abc123"])
-    assert args.func(args) == 2
-    assert "abc123" in capsys.readouterr().err
-    with pytest.raises(NotImplementedError, match="not wired"):
-        load_labelled_scan_from_tiled("abc123")
-    args = parser.parse_args(["train", "--registry", str(tmp_path / "r")])
+    registry = tmp_path / "r"
+    args = parser.parse_args(["train", "--scan", uid, "--registry", str(registry), "--epochs", "1",
+                              "--batch-size", "4", "--rpie-iterations", "5", "--device", "cpu", "--no-progress"])
+    assert args.func(args) == 0, capsys.readouterr().err
+    assert f"SSIM on {uid}" in capsys.readouterr().out
+    mv = ModelRegistry(registry).current()
+    assert mv.training_data == (uid,) and mv.input_exposure_s == pytest.approx(0.004)
+    args = parser.parse_args(["train", "--scan", "no-such-uid", "--registry", str(registry)])
+    assert args.func(args) == 1
+    assert "no-such-uid" in capsys.readouterr().err
+    args = parser.parse_args(["train", "--registry", str(registry)])
     assert args.func(args) == 1
     assert "no training data" in capsys.readouterr().err
 

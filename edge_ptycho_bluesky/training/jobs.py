@@ -54,6 +54,7 @@ __all__ = [
     "JobRequest",
     "JobResult",
     "STATUSES",
+    "label_run",
     "run_retraining_job",
     "validate_deployed",
 ]
@@ -404,27 +405,55 @@ def _stored_labels(client: Any, uid: str) -> Any:
         return None
 
 
-def _labels_from_run(run: Any, scan_uid: str, config: JobConfig, timings: dict[str, float]) -> Any:
+def label_run(client: Any, run: Any, *, reuse_stored_labels: bool = True, rpie_iterations: int | None = None,
+              rpie_options: Mapping[str, Any] | None = None,
+              timings: dict[str, float] | None = None) -> tuple[Any, str]:
+    """The labelled scan (``recon.labels.LabelledScan``) of a stored raw run, and where it came from.
+
+    The labels stored in Tiled for the run (``recon.labels.store_labels``) when there are some and
+    ``reuse_stored_labels``, else rPIE of the run (``"rpie"``).  The scan's exposure
+    (``start["edge_ptycho"]["exposure_s"]``) goes into the labels' metadata, so that a model trained
+    on them records it and the edge worker can scale frames of other exposures to it.
+
+    Raises
+    ------
+    ValueError
+        When the run was not recorded by the edge_ptycho plans (no ``edge_ptycho`` metadata).
+    """
     from ..recon.labels import labels_from_reconstruction
     from ..recon.rpie import RPIEOptions, recon_from_run
 
+    timings = {} if timings is None else timings
     start = run.metadata["start"]
-    meta = start.get("edge_ptycho") or {}
-    t = time.perf_counter()
-    frames = _read_frames(run["primary"], str(meta.get("image_key", "ptycho_det_image")))
-    timings["read"] = time.perf_counter() - t
-    options = RPIEOptions.from_mapping(config.rpie_options) if config.rpie_options else None
-    kwargs: dict[str, Any] = {}
-    if config.rpie_iterations is not None:
-        kwargs["iterations"] = config.rpie_iterations
-    t = time.perf_counter()
-    result = recon_from_run(run, options=options, **kwargs)
-    timings["rpie"] = time.perf_counter() - t
-    t = time.perf_counter()
-    labelled = labels_from_reconstruction(result, frames, scan_uid=scan_uid,
-                                          metadata={"labelled_by": "retraining_job"})
-    timings["labels"] = time.perf_counter() - t
-    return labelled
+    uid = start["uid"]
+    meta = start.get("edge_ptycho")
+    if meta is None:
+        raise ValueError(f"run {uid} has no edge_ptycho metadata: it was not recorded by the "
+                         f"edge_ptycho plans and cannot be reconstructed")
+    with _local_dask():
+        labelled = _stored_labels(client, uid) if reuse_stored_labels else None
+        if labelled is not None:
+            source = "tiled"
+            logger.info("scan %s: using the labels stored in Tiled (no reconstruction)", uid)
+        else:
+            source = "rpie"
+            t = time.perf_counter()
+            frames = _read_frames(run["primary"], str(meta.get("image_key", "ptycho_det_image")))
+            timings["read"] = time.perf_counter() - t
+            kwargs: dict[str, Any] = {}
+            if rpie_iterations is not None:
+                kwargs["iterations"] = rpie_iterations
+            t = time.perf_counter()
+            result = recon_from_run(run, options=RPIEOptions.from_mapping(rpie_options) if rpie_options else None,
+                                    **kwargs)
+            timings["rpie"] = time.perf_counter() - t
+            t = time.perf_counter()
+            labelled = labels_from_reconstruction(result, frames, scan_uid=uid, metadata={"labelled_by": "rpie"})
+            timings["labels"] = time.perf_counter() - t
+    exposure = meta.get("exposure_s")
+    if isinstance(exposure, (int, float)) and "exposure_s" not in labelled.metadata:
+        labelled = replace(labelled, metadata={**labelled.metadata, "exposure_s": float(exposure)})
+    return labelled, source
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,21 +518,12 @@ def run_retraining_job(request: JobRequest) -> JobResult:
             raise ValueError(f"run {uid} has no edge_ptycho metadata: it was not recorded by the "
                              f"edge_ptycho plans and cannot be reconstructed")
         try:
-            with _local_dask():
-                stored = _stored_labels(client, uid) if cfg.reuse_stored_labels else None
-                if stored is not None:
-                    source, labelled = "tiled", stored
-                    logger.info("scan %s: using the labels stored in Tiled (no reconstruction)", uid)
-                else:
-                    source = "rpie"
-                    labelled = _labels_from_run(run, uid, cfg, timings)
+            labelled, source = label_run(client, run, reuse_stored_labels=cfg.reuse_stored_labels,
+                                         rpie_iterations=cfg.rpie_iterations, rpie_options=cfg.rpie_options,
+                                         timings=timings)
         except Exception:
             _forget_client(cfg.storage)  # reconnect on the next attempt
             raise
-        exposure = start_doc["edge_ptycho"].get("exposure_s")
-        if isinstance(exposure, (int, float)) and "exposure_s" not in labelled.metadata:
-            # the model trained on these labels records it; the worker scales other exposures to it
-            labelled = replace(labelled, metadata={**labelled.metadata, "exposure_s": float(exposure)})
         final = labelled.metadata.get("final_error")
         rpie_error = None if final is None else float(final)
         corpus.add(labelled)

@@ -1408,19 +1408,28 @@ class ContinualTrainer:
 # --------------------------------------------------------------------------------------------
 
 
-def load_labelled_scan_from_tiled(uid: str) -> LabelledScan:
-    """Labelled scan of a stored raw scan, by uid (hook wired by the project lead).
+def load_labelled_scan_from_tiled(uid: str, *, rpie_iterations: int | None = None) -> LabelledScan:
+    """The labelled scan of a stored raw scan, by uid, from the configured Tiled
+    (:meth:`~edge_ptycho_bluesky.storage.StorageConfig.from_env`): its labels stored in Tiled when
+    there are some, else rPIE of the scan (see :func:`~edge_ptycho_bluesky.training.jobs.label_run`).
 
     Raises
     ------
-    NotImplementedError
-        Always, for now.
+    KeyError
+        No run with that uid.
+    ValueError
+        The run was not recorded by the edge_ptycho plans.
+    StorageError
+        Tiled cannot be reached.
     """
-    raise NotImplementedError(
-        f"training from stored scans by uid (--scan {uid}) is not wired yet: reconstruct the "
-        f"scan with rPIE, save its labels with edge_ptycho_bluesky.recon.labels and pass the "
-        f"file with --corpus"
-    )
+    from ..storage import StorageConfig, connect, get_run
+    from .jobs import label_run
+
+    client = connect(StorageConfig.from_env())
+    run = get_run(client, uid)
+    labelled, source = label_run(client, run, rpie_iterations=rpie_iterations)
+    logger.info("scan %s: %d labelled frames (%s)", uid, len(labelled), source)
+    return labelled
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -1437,7 +1446,10 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--corpus", nargs="+", type=Path, default=[], metavar="FILE",
                    help="labelled scan files (edge_ptycho_bluesky.recon.labels)")
     p.add_argument("--scan", action="append", default=[], metavar="UID",
-                   help="a stored scan to label and add (repeatable)")
+                   help="a stored scan (in the Tiled of EDGE_PTYCHO_DATA_DIR / EDGE_PTYCHO_TILED_URI) to "
+                        "add: its labels stored in Tiled, else rPIE labels made now (repeatable)")
+    p.add_argument("--rpie-iterations", type=int, default=None, metavar="N",
+                   help="rPIE iterations for --scan runs without stored labels (default: rPIE's)")
     add_registry_argument(p)
     p.add_argument("--workdir", type=Path, default=None, metavar="DIR",
                    help="folder for curves and exports (default: a temporary folder)")
@@ -1483,12 +1495,13 @@ def _count_scale_arg(text: str) -> float | str | None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from ..storage import StorageError
     from .corpus import load_labelled_files
     from .registry import ModelRegistry, RegistryError
 
     try:
         scans = load_labelled_files(args.corpus)
-        scans += [load_labelled_scan_from_tiled(uid) for uid in args.scan]
+        scans += [load_labelled_scan_from_tiled(uid, rpie_iterations=args.rpie_iterations) for uid in args.scan]
         if not scans:
             raise ValueError("no training data: pass --corpus FILE ... or --scan UID")
         registry = ModelRegistry(args.registry)
@@ -1514,10 +1527,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 extra={"validation_scan": held_out.scan_uid,
                        "validation_held_out": args.validate is not None},
             )
-    except NotImplementedError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, RegistryError) as exc:
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RegistryError, StorageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(
