@@ -9,6 +9,7 @@ ONNX Runtime.  Rates here are modest; the 963-frame 2 kHz figures are a benchmar
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -127,126 +128,106 @@ def test_the_fly_plan_refuses_a_step_detector_and_a_too_long_exposure(fly_line, 
     assert isinstance(fly_line.fly_det, FlyingPtychoDetector)
 
 
+class RecordingPublisher:
+    """Stands in for the detector's pvAccess publisher: records what it is given."""
+
+    channel = "recorder"
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.attributes: list[dict] = []
+
+    def publish(self, frame, unique_id, **kwargs):
+        self.ids.append(unique_id)
+        self.attributes.append(kwargs.get("attributes") or {})
+
+
+def _once_published(recorder: RecordingPublisher, n: int, action) -> threading.Thread:
+    """A started thread that calls ``action()`` once ``n`` frames are published (or after 30 s)."""
+
+    def wait_then_act():
+        deadline = time.monotonic() + 30
+        while len(recorder.ids) < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        action()
+
+    thread = threading.Thread(target=wait_then_act, daemon=True)
+    thread.start()
+    return thread
+
+
+def _assert_tiled_has_every_taken_frame(tiled_client, docs, taken: int, num_points: int) -> None:
+    primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]
+    frames = np.asarray(primary["ptycho_fly_image"].read())
+    x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
+    assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
+    np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, num_points)[:taken])
+
+
 def test_a_fly_scan_stopped_midway_keeps_every_published_frame_in_the_file(fly_line):
     import h5py
 
     from edge_ptycho_bluesky.devices import FRAME_DATASET
 
-    published: list[int] = []
-
-    class Recorder:
-        channel = "recorder"
-
-        def publish(self, frame, unique_id, **kwargs):
-            published.append(unique_id)
-
     det = fly_line.fly_det
-    det.publisher = Recorder()
+    recorder = det.publisher = RecordingPublisher()
     det.frame_rate.put(200.0)
     det.exposure_time.put(0.001)
     det.prepare({"positions": spiral_ptycho_pattern(0, 0, 0.05, 300)}).wait(30)
     det.stage()
     try:
         det.kickoff().wait(5)
-        deadline = time.monotonic() + 10
-        while len(published) < 30 and time.monotonic() < deadline:  # 0.15 s at 200 Hz: not one full block
-            time.sleep(0.001)
-        det.stop()
+        _once_published(recorder, 30, det.stop).join(35)  # 0.15 s at 200 Hz: not one full block
         with pytest.raises(Exception, match="stopped at frame"):
             det.complete().wait(10)
     finally:
         det.unstage()
     with h5py.File(det.file_path, "r") as f:
         stored = f[FRAME_DATASET].shape[0]
-    assert 30 <= len(published) < 300 and stored == len(published)
-
+    assert 30 <= len(recorder.ids) < 300 and stored == len(recorder.ids)
 
 
 def test_an_aborted_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
     """Paused mid-flight (Ctrl-C) and aborted: the detector stops, the run ends as aborted, and Tiled
     has every frame taken, with its position, though the last collect was long before."""
-    import threading
-
     from bluesky.utils import RunEngineInterrupted
 
-    published: list[int] = []
-
-    class Recorder:
-        channel = "recorder"
-
-        def publish(self, frame, unique_id, **kwargs):
-            published.append(unique_id)
-
     det = fly_line.fly_det
-    det.publisher = Recorder()
-
-    def pause_midway():
-        deadline = time.monotonic() + 30
-        while len(published) < 40 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        RE.request_pause(defer=False)
-
+    recorder = det.publisher = RecordingPublisher()
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     RE.subscribe(docs.cb)
-    pauser = threading.Thread(target=pause_midway, daemon=True)
-    pauser.start()
+    pauser = _once_published(recorder, 40, lambda: RE.request_pause(defer=False))
     with pytest.raises(RunEngineInterrupted):
         RE(spiral_ptycho_flyscan(det, fly_line.stage.x, fly_line.stage.y, step=0.05, num_points=400, rate=100,
                                  flush_period=60.0))  # no collect before the abort
     pauser.join(5)
     RE.abort("test: aborted mid-flight")
     assert docs["stop"][0]["exit_status"] == "abort"
-    taken = len(published)
+    taken = len(recorder.ids)
     assert 40 <= taken < 400
-    primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]
-    frames = np.asarray(primary["ptycho_fly_image"].read())
-    x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
-    assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
-    np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, 400)[:taken])
+    _assert_tiled_has_every_taken_frame(tiled_client, docs, taken, 400)
+
 
 def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
     """The detector fails midway (here: stopped from outside): the run ends as failed, and Tiled has
     every frame taken before, with its position (the StreamDatums after the last collect too)."""
-    import threading
-
     from bluesky.utils import FailedStatus
 
-    published: list[int] = []
-    exposures: set[float] = set()
-
-    class Recorder:
-        channel = "recorder"
-
-        def publish(self, frame, unique_id, **kwargs):
-            published.append(unique_id)
-            exposures.add(kwargs["attributes"]["exposure_s"])  # the worker scales counts by it
-
     det = fly_line.fly_det
-    det.publisher = Recorder()
-
-    def stop_midway():
-        deadline = time.monotonic() + 30
-        while len(published) < 40 and time.monotonic() < deadline:
-            time.sleep(0.001)
-        det.stop()
-
+    recorder = det.publisher = RecordingPublisher()
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     RE.subscribe(docs.cb)
-    stopper = threading.Thread(target=stop_midway, daemon=True)
-    stopper.start()
+    stopper = _once_published(recorder, 40, det.stop)
     with pytest.raises(FailedStatus):
         RE(spiral_ptycho_flyscan(det, fly_line.stage.x, fly_line.stage.y, step=0.05, num_points=400, rate=200,
                                  flush_period=10.0))  # no collect before the failure: all announced after it
     stopper.join(5)
     assert docs["stop"][0]["exit_status"] == "fail"
+    exposures = {a["exposure_s"] for a in recorder.attributes}  # the worker scales counts by it
     assert len(exposures) == 1 and exposures.pop() == pytest.approx(1 / 200)
-    taken = len(published)
+    taken = len(recorder.ids)
     assert 40 <= taken < 400
-    primary = get_run(tiled_client, docs["start"][0]["uid"])["primary"]
-    frames = np.asarray(primary["ptycho_fly_image"].read())
-    x, y = np.asarray(primary["stage_x"].read()), np.asarray(primary["stage_y"].read())
-    assert frames.shape == (taken, 128, 128) and frames.sum(axis=(1, 2)).min() > 0
-    np.testing.assert_allclose(np.column_stack([x, y]), spiral_ptycho_pattern(0, 0, 0.05, 400)[:taken])
+    _assert_tiled_has_every_taken_frame(tiled_client, docs, taken, 400)
 
 
 def test_a_fly_scan_too_large_to_simulate_in_memory_is_refused_before_it_starts(fly_line):

@@ -455,17 +455,21 @@ def test_tiled_watcher_queues_new_finished_labelled_runs(RE, beamline, tiled_cli
     assert seen == [labelled] and cb.outcomes[0].trigger == "tiled"
 
 
-def test_a_retry_after_a_lost_attempt_that_published_does_not_train_again(storage_config, tmp_path):
-    """Attempt 1 published v0002 and its worker died before reporting: attempt 2 reports it."""
+def _corpus_with_scan_1(cfg: JobConfig) -> None:
+    """A corpus that already holds "scan-1" (labelled by a lost earlier attempt of a job)."""
     from edge_ptycho_bluesky.recon.labels import LabelledScan
     from edge_ptycho_bluesky.training.corpus import TrainingCorpus
 
-    cfg = job_config(tmp_path, storage_config, ALWAYS_RETRAIN)
     rng = np.random.default_rng(0)
     TrainingCorpus(directory=cfg.corpus_dir).add(LabelledScan(
         frames=rng.poisson(5.0, (6, 128, 128)).astype(np.float32),
         phases=rng.normal(0, 0.3, (6, 128, 128)).astype(np.float32),
         positions=np.column_stack([np.arange(6) * 8.0, np.zeros(6)]), scan_uid="scan-1", pixel_size_nm=10.0))
+
+def test_a_retry_after_a_lost_attempt_that_published_does_not_train_again(storage_config, tmp_path):
+    """Attempt 1 published v0002 and its worker died before reporting: attempt 2 reports it."""
+    cfg = job_config(tmp_path, storage_config, ALWAYS_RETRAIN)
+    _corpus_with_scan_1(cfg)
     registry = deploy_tiny(tmp_path)
     lost = {"action": "retrain", "reason": "SSIM 0.100 is below min_ssim 1.000: retrain", "at": 5.0,
             "ssim": 0.1, "expected": None, "threshold": 1.0, "next_check_at": None, "scan_uid": "scan-1"}
@@ -482,15 +486,8 @@ def test_a_retry_after_a_lost_attempt_that_published_without_deploying_does_not_
         storage_config, tmp_path):
     """Attempt 1 trained, fell below the deployment gate, published v0002 without deploying it, and
     was lost: attempt 2 validates again, comes to the same decision and reports v0002 (not deployed)."""
-    from edge_ptycho_bluesky.recon.labels import LabelledScan
-    from edge_ptycho_bluesky.training.corpus import TrainingCorpus
-
     cfg = job_config(tmp_path, storage_config, ALWAYS_RETRAIN)
-    rng = np.random.default_rng(0)
-    TrainingCorpus(directory=cfg.corpus_dir).add(LabelledScan(
-        frames=rng.poisson(5.0, (6, 128, 128)).astype(np.float32),
-        phases=rng.normal(0, 0.3, (6, 128, 128)).astype(np.float32),
-        positions=np.column_stack([np.arange(6) * 8.0, np.zeros(6)]), scan_uid="scan-1", pixel_size_nm=10.0))
+    _corpus_with_scan_1(cfg)
     registry = deploy_tiny(tmp_path)
     registry.publish({"model.onnx": tiny_onnx(tmp_path / "t2.onnx", 2.0)}, model="tiny", validation_ssim=0.05,
                      deploy=False, extra={"job_id": "job-1", "trigger_scan": "scan-1"})

@@ -324,7 +324,7 @@ def engine_factory(kind: str = "auto", threads: int | None = None, *, spinning: 
         Let ONNX Runtime's idle threads busy-wait between operators (its own default).  Off by
         default: the worker shares the CPU with the transport (and, on a small edge box, with the
         detector and the stitcher), and spinning threads take the cores those need.  Measured on 2
-        cores, fly scan at 500 Hz: p99 latency 594 ms with spinning, 67 ms without.
+        cores, fly scan at 500 Hz: p99 latency 91 ms with spinning, 52-70 ms without (docs/benchmarks.md).
     """
     from ..model.engines import ENGINE_KINDS
 

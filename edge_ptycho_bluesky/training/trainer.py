@@ -1408,10 +1408,11 @@ class ContinualTrainer:
 # --------------------------------------------------------------------------------------------
 
 
-def load_labelled_scan_from_tiled(uid: str, *, rpie_iterations: int | None = None) -> LabelledScan:
+def load_labelled_scan_from_tiled(uid: str, *, client: Any = None, rpie_iterations: int | None = None) -> LabelledScan:
     """The labelled scan of a stored raw scan, by uid, from the configured Tiled
     (:meth:`~edge_ptycho_bluesky.storage.StorageConfig.from_env`): its labels stored in Tiled when
     there are some, else rPIE of the scan (see :func:`~edge_ptycho_bluesky.training.jobs.label_run`).
+    ``client``: a Tiled client to reuse (default: connect to the configured one).
 
     Raises
     ------
@@ -1425,7 +1426,7 @@ def load_labelled_scan_from_tiled(uid: str, *, rpie_iterations: int | None = Non
     from ..storage import StorageConfig, connect, get_run
     from .jobs import label_run
 
-    client = connect(StorageConfig.from_env())
+    client = client if client is not None else connect(StorageConfig.from_env())
     run = get_run(client, uid)
     labelled, source = label_run(client, run, rpie_iterations=rpie_iterations)
     logger.info("scan %s: %d labelled frames (%s)", uid, len(labelled), source)
@@ -1501,7 +1502,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     try:
         scans = load_labelled_files(args.corpus)
-        scans += [load_labelled_scan_from_tiled(uid, rpie_iterations=args.rpie_iterations) for uid in args.scan]
+        if args.scan:
+            from ..storage import connect
+
+            client = connect()  # once for every --scan (an embedded catalog takes seconds to open)
+            scans += [load_labelled_scan_from_tiled(uid, client=client, rpie_iterations=args.rpie_iterations)
+                      for uid in args.scan]
         if not scans:
             raise ValueError("no training data: pass --corpus FILE ... or --scan UID")
         registry = ModelRegistry(args.registry)
