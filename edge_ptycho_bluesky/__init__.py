@@ -7,3 +7,7 @@ is importable without a RunEngine; Bluesky plans and callbacks live in
 """
 
 __version__ = "0.1.0"
+
+#: Edge of the square detector frames, and of the network's input and phase patches, in pixels
+#: (the paper's 128 x 128): every module takes it from here.
+FRAME_SIZE = 128

@@ -37,6 +37,8 @@ from typing import Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from .. import FRAME_SIZE
+
 __all__ = [
     "FRAME_SIZE",
     "InvalidFrameError",
@@ -50,8 +52,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Side of the square frames PtychoNN takes.
-FRAME_SIZE: int = 128
 
 Reduce = Literal["sum", "mean"]
 Mode = Literal["bin", "crop"]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .. import FRAME_SIZE
+
 #: h * c in keV * nm.
 HC_KEV_NM = 1.23984198
 
@@ -31,7 +33,7 @@ class Geometry:
     energy_kev: float = 10.0
     detector_distance_m: float = 0.9
     detector_pixel_m: float = 75e-6
-    frame_size: int = 128
+    frame_size: int = FRAME_SIZE
 
     def __post_init__(self) -> None:
         for name in ("energy_kev", "detector_distance_m", "detector_pixel_m"):
