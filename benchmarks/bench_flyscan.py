@@ -80,8 +80,9 @@ def cpu_seconds(pid: int | None) -> float | None:
 def fly(rate: float, variant: str, model: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from bluesky import RunEngine
 
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
     from edge_ptycho_bluesky.devices import make_simulated_beamline
-    from edge_ptycho_bluesky.edge.session import EdgeSession, EdgeSessionConfig
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan
     from edge_ptycho_bluesky.storage import StorageConfig, connect, get_run, make_tiled_writer
     from edge_ptycho_bluesky.training.registry import ModelRegistry

@@ -46,19 +46,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from records import record, write_json  # noqa: E402  (benchmarks/records.py)
+from edge_ptycho_bluesky import FRAME_SIZE
 from edge_ptycho_bluesky.model import (  # noqa: E402
     OnnxRuntimeEngine,
+    TensorRTEngine,
     TorchEngine,
     available_engines,
     build_model,
     export_onnx,
+    preprocess,
     ptychonn2_from_onnx,
 )
+from edge_ptycho_bluesky.model.quantize import quantize_and_check
 
 PAPER_ONNX = ROOT.parent / "shared" / "data" / "ptychoNN_8.onnx"
 
 
-def gflop_per_frame(model: nn.Module, shape: tuple[int, int] = (128, 128)) -> float:
+def gflop_per_frame(model: nn.Module, shape: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)) -> float:
     """Multiply-adds x 2 of the convolutions for one frame, in GFLOP."""
     flops = 0
     hooks = []
@@ -80,7 +84,7 @@ def gflop_per_frame(model: nn.Module, shape: tuple[int, int] = (128, 128)) -> fl
 
 def measure(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: float, repeats: int) -> tuple[float, float]:
     """Best frames/s over ``repeats`` runs of >= ``seconds`` each, and that run's median ms/batch."""
-    x = (np.random.default_rng(0).random((batch, 128, 128)) * 500).astype(np.float32)
+    x = (np.random.default_rng(0).random((batch, FRAME_SIZE, FRAME_SIZE)) * 500).astype(np.float32)
     for _ in range(2):
         infer(x)  # warm-up: allocations, kernel/primitive selection
     best_fps, best_median = 0.0, float("nan")
@@ -102,16 +106,13 @@ def measure(infer: Callable[[np.ndarray], np.ndarray], batch: int, seconds: floa
 def make_int8(exported: Path, tmp: Path, agreement_out: dict[str, float]) -> Path:
     """Quantize ``exported`` to int8, calibrated on half of the real frames (``test235``, mean-binned
     to 128 x 128 as the paper's network expects); its agreement with float32 on the other half."""
-    from edge_ptycho_bluesky.model import preprocess
-    from edge_ptycho_bluesky.model.quantize import quantize_and_check
-
     real = ROOT.parent / "shared" / "data" / "test235_truncated.npz"
     if real.is_file():
         x = preprocess(np.load(real)["reciprocal"], reduce="mean")
         source = "real frames test235, mean-binned 4 x 4"
     else:
         rng = np.random.default_rng(0)
-        x = rng.poisson(20.0, (20, 1, 128, 128)).astype(np.float32)
+        x = rng.poisson(20.0, (20, 1, FRAME_SIZE, FRAME_SIZE)).astype(np.float32)
         source = "Poisson noise frames (real frames absent)"
     path, score = quantize_and_check(exported, tmp / f"{exported.stem}_int8.onnx", x)
     agreement_out.update(score, source=source)
@@ -218,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
             if reasons["tensorrt"]:
                 print(f"| {name} | - | - | skipped: {reasons['tensorrt']} | | | |")
                 continue
-            from edge_ptycho_bluesky.model import TensorRTEngine
-
             engine_r = TensorRTEngine(exported, fp16=True, cache_dir=tmp, max_batch=max(args.batches))
             for batch in args.batches:
                 row(engine_r.name, "gpu", batch, *measure(engine_r.infer, batch, args.seconds, args.repeats))

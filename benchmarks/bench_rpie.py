@@ -69,7 +69,8 @@ def table(title: str, header: list[str], rows: list[list[object]]) -> None:
 
 
 def bench_throughput(iterations: int) -> None:
-    from edge_ptycho_bluesky.recon.rpie import RPIEOptions, RPIEReconstructor
+    from edge_ptycho_bluesky.recon.reconstructor import RPIEReconstructor
+    from edge_ptycho_bluesky.recon.rpie_options import RPIEOptions
 
     route = SHARED_DATA / "optimized_route.npz"
     xy = paper_route(0.05, route) if route.exists() else fermat_spiral(963, 0.05)

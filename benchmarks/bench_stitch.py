@@ -30,12 +30,8 @@ import numpy as np
 
 from edge_ptycho_bluesky.metrics import compare, frc_resolution, scanned_mask
 from records import record as bench_record, write_json  # benchmarks/records.py
-from edge_ptycho_bluesky.stitching import (
-    IncrementalStitcher,
-    _bincount_accumulate,
-    grid_from_positions,
-    stitch,
-)
+from edge_ptycho_bluesky.stitching import IncrementalStitcher, _bincount_accumulate, stitch
+from edge_ptycho_bluesky.stitching_grid import grid_from_positions
 
 PATCH = 128
 TARGET_RATE = 2000.0

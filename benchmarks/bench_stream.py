@@ -5,8 +5,8 @@ For each frame rate, three processes run on loopback pvAccess:
 * a publisher (this script with ``--role publisher``) serving 128 x 128 uint16 NTNDArray frames
   with positions and a scan uid, paced at the rate for ``--duration`` seconds;
 * the edge worker, started exactly as in production: ``python -m
-  edge_ptycho_bluesky.edge.worker --model ... --engine ...``;
-* a :class:`~edge_ptycho_bluesky.edge.transport.PatchSubscriber` in this process that adds each
+  edge_ptycho_bluesky.edge.cli --model ... --engine ...``;
+* a :class:`~edge_ptycho_bluesky.edge.pva_clients.PatchSubscriber` in this process that adds each
   patch to an :class:`~edge_ptycho_bluesky.stitching.IncrementalStitcher` as it arrives (what the
   live stitch callback does) and times it from the frame's publication (``t_in``) until it is
   stitched: the latency covers the whole path publisher -> worker -> stitcher.
@@ -57,7 +57,7 @@ loopback_env()  # before any pvapy object, in every role
 
 def run_publisher(channel: str, rate: float, count: int, seed: int = 0) -> int:
     """Serve ``channel``; print "ready"; on "go" publish ``count`` frames at ``rate``; report."""
-    from edge_ptycho_bluesky.edge.transport import FramePublisher
+    from edge_ptycho_bluesky.edge.pva_servers import FramePublisher
 
     rng = np.random.default_rng(seed)
     # 64 distinct Poisson frames with a bright centre (the content does not change the cost)
@@ -138,7 +138,7 @@ def _wait(predicate: Any, timeout: float) -> bool:
 
 def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace,
              tmp: Path) -> dict[str, Any]:
-    from edge_ptycho_bluesky.edge.transport import PatchSubscriber, read_status
+    from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, read_status
     from edge_ptycho_bluesky.stitching import IncrementalStitcher
 
     tag = uuid.uuid4().hex[:8]
@@ -153,7 +153,7 @@ def run_rate(rate: float, duration: float, model: Path, args: argparse.Namespace
          "--count", str(count)],
         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "edge_ptycho_bluesky.edge.worker", "--model", str(model),
+        [sys.executable, "-m", "edge_ptycho_bluesky.edge.cli", "--model", str(model),
          "--engine", args.engine, "--batch-size", str(args.batch), "--max-wait-ms",
          str(args.max_wait_ms), "--queue-size", str(args.queue_size), "--input", inp,
          "--output", out, "--status", status, "--status-period", "0.5", "--log-level", "ERROR",

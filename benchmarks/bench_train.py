@@ -26,7 +26,7 @@ of its rPIE reconstruction) under the issue's conditions: training scans at over
 ``step_for_overlap(0.9, 0.8)`` = 46 nm) with 10 ms exposures, rPIE labels (known probe, 50
 iterations), one training increment on the whole corpus with the default recipe, then the unseen
 test scan (letters) at overlap 0.9. It also publishes the model into a registry and runs the
-test scan through :func:`edge_ptycho_bluesky.model.infer_cli.infer_scan` (ONNX Runtime), and
+test scan through :func:`edge_ptycho_bluesky.model.scan_inference.infer_scan` (ONNX Runtime), and
 saves ``truth | rPIE | AI`` to ``--figure`` (default ``docs/images/ai_vs_rpie.png``).
 
 Prints a table (corpus size, training time, samples/s, best validation MAE, test SSIM) and writes
@@ -47,6 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edge_ptycho_bluesky import FRAME_SIZE
 from edge_ptycho_bluesky.metrics import compare, scanned_mask, ssim
 from records import record, write_json  # benchmarks/records.py
 from edge_ptycho_bluesky.recon.labels import (LabelledScan, extract_labels, labels_from_reconstruction,
@@ -54,7 +55,9 @@ from edge_ptycho_bluesky.recon.labels import (LabelledScan, extract_labels, labe
 from edge_ptycho_bluesky.reproduce import BEAM_UM, Scan, rpie_result, simulate_scan
 from edge_ptycho_bluesky.sim import overlap_ratio, step_for_overlap
 from edge_ptycho_bluesky.stitching import stitch
-from edge_ptycho_bluesky.training.trainer import ContinualTrainer, TrainConfig, predict_phases
+from edge_ptycho_bluesky.training.config import TrainConfig
+from edge_ptycho_bluesky.training.continual import ContinualTrainer
+from edge_ptycho_bluesky.training.evaluate import predict_phases
 
 EXPOSURE_S = 0.4
 ACCURACY_TARGET_SSIM = 0.85
@@ -141,7 +144,7 @@ def save_triptych(path: Path, truth: np.ndarray, rpie_img: np.ndarray, ai: np.nd
 def accuracy(args: argparse.Namespace) -> int:
     """The issue's accuracy claim: AI vs rPIE on an unseen scan (see the module notes)."""
     from edge_ptycho_bluesky.io.cxi import PtychoScan
-    from edge_ptycho_bluesky.model.infer_cli import LoadedScan, infer_scan
+    from edge_ptycho_bluesky.model.scan_inference import LoadedScan, infer_scan
     from edge_ptycho_bluesky.training.registry import ModelRegistry
 
     torch.set_num_threads(args.threads)
@@ -183,7 +186,7 @@ def accuracy(args: argparse.Namespace) -> int:
               f"(rPIE vs truth SSIM {label_quality[-1]:.3f})", flush=True)
     frames_max = max(float(s.frames.max()) for s in train_scans)
     count_scale = args.count_scale
-    if count_scale is None:  # brightest pixel -> ~100 (see training.trainer, "Input scaling")
+    if count_scale is None:  # brightest pixel -> ~100 (see training.continual, "Input scaling")
         count_scale = float(f"{100.0 / frames_max:.1g}")
     print(f"# brightest training pixel {frames_max:.0f} counts; count_scale {count_scale:g}",
           flush=True)
@@ -244,7 +247,8 @@ def accuracy(args: argparse.Namespace) -> int:
 
     calibration = preprocess(train_scans[0].frames[:32], scale=count_scale)
     int8 = quantize_int8(mv.onnx_path, args.out / "model_int8.onnx", calibration)
-    int8_phase = OnnxRuntimeEngine(int8).infer(preprocess(t_frames, scale=count_scale)).reshape(-1, 128, 128)
+    int8_phase = OnnxRuntimeEngine(int8).infer(preprocess(t_frames, scale=count_scale))
+    int8_phase = int8_phase.reshape(-1, FRAME_SIZE, FRAME_SIZE)
     int8_image, _ = stitch(int8_phase, t_pos, shape=reference.shape, weight=weight)
     int8_vs_rpie = compare(reference, int8_image, mask & np.isfinite(int8_image))
     passed = ai_vs_rpie["ssim"] >= ACCURACY_TARGET_SSIM

@@ -26,11 +26,14 @@ from urllib.parse import urlparse
 
 import h5py
 import numpy as np
-from bluesky.callbacks.core import CallbackBase
-from event_model import unpack_event_page
+from event_model import DocumentRouter
 from numpy.typing import NDArray
 
-from edge_ptycho_bluesky.stitching import IncrementalStitcher, PhysicalGrid, grid_from_positions
+from edge_ptycho_bluesky import FRAME_SIZE
+from edge_ptycho_bluesky.derived import emit_derived_run
+from edge_ptycho_bluesky.runs import EdgePtychoMeta
+from edge_ptycho_bluesky.stitching import IncrementalStitcher
+from edge_ptycho_bluesky.stitching_grid import PhysicalGrid, grid_from_positions
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +43,15 @@ class FramePublisherLike(Protocol):
                 scan_uid: str | None = None, attributes: dict[str, Any] | None = None) -> None: ...
 
 
-class IsolatedCallback(CallbackBase):
-    """A callback whose exceptions are logged and counted (``errors``), never raised to the RunEngine."""
+class IsolatedCallback(DocumentRouter):
+    """A document router whose exceptions are logged and counted (``errors``), never raised.
+
+    The RunEngine lets a subscribed callback's exception end the scan; the edge callbacks are
+    subscribed to it (and fed replays) directly, so they isolate themselves here, at the call
+    through which every document reaches them. Subclasses implement the document methods as any
+    :class:`event_model.DocumentRouter` (one that implements only ``event`` gets each event of an
+    event page).
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,7 +86,7 @@ class FrameForwarder(IsolatedCallback):
     fields' StreamDatums): the k-th frame goes with the k-th recorded position.
 
     A fly scan whose detector streamed its frames over pvAccess itself
-    (``start["edge_ptycho"]["streamed_to"]``) is left alone, since the worker has had its frames
+    (the run record's ``streamed_to``, :class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`) is left alone, since the worker has had its frames
     already; set ``forward_streamed`` (as :meth:`EdgeSession.replay` does) to send them again.
 
     Parameters
@@ -85,7 +95,7 @@ class FrameForwarder(IsolatedCallback):
         Has ``publish(frame, unique_id, pos=(x, y), scan_uid=..., attributes=...)`` (a
         :class:`~edge_ptycho_bluesky.edge.FramePublisher` or an in-process source).
     image_key
-        Data key of the frames (default: ``start["edge_ptycho"]["image_key"]``).
+        Data key of the frames (default: the run record's ``image_key``).
     queue_size
         Frames waiting to be sent; beyond it a frame is dropped and counted (``dropped``).
     read_timeout
@@ -127,17 +137,17 @@ class FrameForwarder(IsolatedCallback):
 
     def start(self, doc: dict[str, Any]) -> None:
         self._reset()
-        streamed_to = doc.get("edge_ptycho", {}).get("streamed_to")
+        meta = EdgePtychoMeta.from_start(doc, required=False) or EdgePtychoMeta()
+        streamed_to = meta.streamed_to
         if streamed_to and not self.forward_streamed:
             self.skipped_runs += 1
             logger.info("run %s: the detector streamed its frames to %s itself; not forwarding them",
                         doc["uid"], streamed_to)
             return
         self._uid = doc["uid"]
-        self._image_key = self._image_key_default or doc.get("edge_ptycho", {}).get("image_key")
-        exposure = doc.get("edge_ptycho", {}).get("exposure_s")
+        self._image_key = self._image_key_default or meta.image_key
         # the worker scales each frame to its model's training exposure by this attribute
-        self._run_attributes = {"exposure_s": float(exposure)} if isinstance(exposure, (int, float)) else {}
+        self._run_attributes = {} if meta.exposure_s is None else {"exposure_s": meta.exposure_s}
         self._fields = _motor_fields(doc)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
@@ -168,10 +178,6 @@ class FrameForwarder(IsolatedCallback):
             x_key, y_key = self._fields
             self._positions.append((doc["seq_num"], (float(doc["data"][x_key]), float(doc["data"][y_key]))))
             self._pair()
-
-    def event_page(self, doc: dict[str, Any]) -> None:
-        for event in unpack_event_page(doc):
-            self.event(event)
 
     def _pair(self) -> None:
         while self._frames and self._positions:
@@ -258,16 +264,17 @@ class _RunStitch:
     """Per-run state of the live stitcher (thread-safe through the owner's lock)."""
 
     def __init__(self, start: dict[str, Any], margin: int, weight: NDArray[np.floating] | None) -> None:
-        meta = start.get("edge_ptycho", {})
         try:
-            pixel_um = float(meta["geometry"]["pixel_size_nm"]) * 1e-3
+            meta = EdgePtychoMeta.from_start(start)
+            assert meta is not None
+            pixel_um = meta.pixel_size_nm * 1e-3
             (x0, x1), (y0, y1) = start["extents"]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError("the start document lacks edge_ptycho.geometry.pixel_size_nm or extents; "
                              "cannot place patches") from err
         corners = np.array([[x0, y0], [x1, y1]], dtype=np.float64)
         self.grid = PhysicalGrid.from_positions(corners, pixel_um, order="xy", margin=margin)
-        shape, origin = grid_from_positions(self.grid.to_pixels(corners, order="xy"), (128, 128), margin)
+        shape, origin = grid_from_positions(self.grid.to_pixels(corners, order="xy"), (FRAME_SIZE, FRAME_SIZE), margin)
         self.stitcher = IncrementalStitcher(shape, origin, weight=weight)
         self.uid = start["uid"]
         self.patches: dict[int, tuple[NDArray[np.float32], tuple[float, float], str]] = {}
@@ -285,7 +292,7 @@ class LiveStitchCallback(IsolatedCallback):
         Document callback that stores the derived run (e.g. a TiledWriter); None: keep in memory only.
     write_dir
         Where the derived run's HDF5 file goes (required with ``store``).
-    weight : (128, 128) float or None
+    weight : (FRAME_SIZE, FRAME_SIZE) float or None
         Stitching weight, e.g. the probe amplitude.
     wait_timeout
         At stop, seconds to wait for patches still in flight.
@@ -374,7 +381,8 @@ class LiveStitchCallback(IsolatedCallback):
     def _result(self, run: _RunStitch, expected: int) -> StitchResult:
         image, coverage = run.stitcher.snapshot()
         indices = np.array(sorted(run.patches), dtype=np.int64)
-        patches = np.stack([run.patches[i][0] for i in indices]) if len(indices) else np.zeros((0, 128, 128), "f4")
+        patches = (np.stack([run.patches[i][0] for i in indices]) if len(indices)
+                   else np.zeros((0, FRAME_SIZE, FRAME_SIZE), "f4"))
         positions = np.array([run.patches[i][1] for i in indices], dtype=np.float64).reshape(-1, 2)
         versions = sorted({run.patches[i][2] for i in indices})
         missing = sorted(set(range(expected)) - set(indices.tolist()))
@@ -382,8 +390,6 @@ class LiveStitchCallback(IsolatedCallback):
                             expected, missing)
 
     def _store(self, result: StitchResult) -> str:
-        from edge_ptycho_bluesky.derived import emit_derived_run
-
         return emit_derived_run(
             self.store, original_run_uid=result.run_uid, purpose="edge_inference", write_dir=self.write_dir,
             streams={

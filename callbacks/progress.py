@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from bluesky.callbacks.core import CallbackBase
+from event_model import DocumentRouter
 from tqdm.auto import tqdm
 
 
-class ScanProgress(CallbackBase):
+class ScanProgress(DocumentRouter):
     """Progress bar of a scan's primary events; the total comes from ``start["num_points"]``.
 
     Parameters

@@ -8,31 +8,41 @@ import logging
 import sys
 
 
-#: Modules that register a subcommand with ``add_subcommand(subparsers)``.
-SUBCOMMAND_MODULES = (
-    "edge_ptycho_bluesky.demo",
-    "edge_ptycho_bluesky.training.registry",
-    "edge_ptycho_bluesky.training.trainer",
-    "edge_ptycho_bluesky.model.cli",
-    "edge_ptycho_bluesky.edge.worker",
-    "edge_ptycho_bluesky.recon.cli",
-    "edge_ptycho_bluesky.model.infer_cli",
-    "edge_ptycho_bluesky.bench_cli",
-    "edge_ptycho_bluesky.reproduce",
-)
+#: Each command and the module that registers it with ``add_subcommand(subparsers)``.
+COMMANDS = {
+    "demo": "edge_ptycho_bluesky.demo_cli",
+    "import-onnx": "edge_ptycho_bluesky.training.registry_cli",
+    "registry": "edge_ptycho_bluesky.training.registry_cli",
+    "train": "edge_ptycho_bluesky.training.cli",
+    "model": "edge_ptycho_bluesky.model.cli",
+    "worker": "edge_ptycho_bluesky.edge.cli",
+    "recon": "edge_ptycho_bluesky.recon.cli",
+    "infer": "edge_ptycho_bluesky.model.infer_cli",
+    "bench": "edge_ptycho_bluesky.bench_cli",
+    "reproduce": "edge_ptycho_bluesky.reproduce_cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with ``command``, only that command's module is imported (a worker
+    process then starts without loading the trainer, the demo or the benchmarks)."""
     parser = argparse.ArgumentParser(prog="edge-ptycho", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in SUBCOMMAND_MODULES:
+    modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
+    for module in modules:
         importlib.import_module(module).add_subcommand(sub)
     return parser
 
 
+def _command(argv: list[str]) -> str | None:
+    """The command named on the command line (its first word that is not an option)."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -32,6 +32,8 @@ import numpy as np
 
 from edge_ptycho_bluesky.metrics import compare
 from edge_ptycho_bluesky.recon.labels import labels_from_reconstruction, store_labels
+from edge_ptycho_bluesky.recon.reconstruct import reconstruct_scan
+from edge_ptycho_bluesky.runs import EdgePtychoMeta, read_scan
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +84,15 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
     from edge_ptycho_bluesky.callbacks import ScanProgress
     from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
     from edge_ptycho_bluesky.devices import make_simulated_beamline
     from edge_ptycho_bluesky.edge.process import WorkerChannels
-    from edge_ptycho_bluesky.edge.session import EdgeSession, EdgeSessionConfig
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.edge.transport import loopback_env
     from edge_ptycho_bluesky.storage import StorageConfig, connect, get_run, make_tiled_writer, replay
     from edge_ptycho_bluesky.training.jobs import JobConfig
     from edge_ptycho_bluesky.training.policy import RetrainPolicyConfig
-    from edge_ptycho_bluesky.training.trainer import TrainConfig
+    from edge_ptycho_bluesky.training.config import TrainConfig
 
     config.out.mkdir(parents=True, exist_ok=True)
     loopback_env()
@@ -112,7 +115,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     counts: dict[str, int] = {}
     replay(get_run(client, train_uid), lambda name, doc: counts.__setitem__(name, counts.get(name, 0) + 1))
     summary["replayed_documents"] = sum(counts.values())
-    summary["overlap_ratio"] = get_run(client, train_uid).metadata["start"]["edge_ptycho"]["overlap_ratio"]
+    summary["overlap_ratio"] = EdgePtychoMeta.from_start(get_run(client, train_uid).metadata["start"]).overlap_ratio
     _mark(summary, "stage1_scan", t0)
 
     logger.info("stage 2: rPIE of the training scan and its labels")
@@ -261,12 +264,10 @@ def _reconstruct(run, sample, config: DemoConfig) -> _Reconstruction:
     Nothing of the simulation's truth goes in: the starting probe is modelled from the recorded
     optics (beam diameter) and the data, and refined.
     """
-    from edge_ptycho_bluesky.recon.rpie import recon_from_run
-
-    result = recon_from_run(run, object_shape=sample.transmission.shape, iterations=config.rpie_iterations,
-                            progress=True)
-    frames = run["primary"][run.metadata["start"]["edge_ptycho"]["image_key"]].read()
-    return _Reconstruction(result, frames, result.scanned_mask(0.3))
+    scan = read_scan(run)
+    result = reconstruct_scan(scan, object_shape=sample.transmission.shape, iterations=config.rpie_iterations,
+                              progress=True)
+    return _Reconstruction(result, scan.frames, result.scanned_mask(0.3))
 
 
 def _stitch_on_object_grid(live, rec: _Reconstruction) -> np.ndarray:
@@ -312,19 +313,3 @@ def _plot_scans(path: Path, client, uids: list[str], frame: np.ndarray) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def add_subcommand(subparsers) -> None:
-    """Register ``edge-ptycho demo --out DIR [--quick] [--data-dir DIR]``."""
-    parser = subparsers.add_parser("demo", help="run the whole workflow on the simulated beamline")
-    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
-    parser.add_argument("--data-dir", type=Path, default=None,
-                        help="embedded Tiled catalog directory (default: OUT/tiled)")
-    parser.add_argument("--quick", action="store_true", help="small scans (for tests)")
-    parser.set_defaults(func=lambda args: _main(args))
-
-
-def _main(args) -> int:
-    summary = run_demo(DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
-    print(json.dumps(summary, indent=2))
-    return 0

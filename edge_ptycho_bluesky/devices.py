@@ -141,7 +141,8 @@ class _SimulatedDetector(Device):
                 "shape": list(self.frame_shape), "external": "STREAM:"}
 
     def ptycho_metadata(self) -> dict[str, Any]:
-        """Geometry and illumination facts that plans record under ``start["edge_ptycho"]``."""
+        """Geometry and illumination facts that plans record in the run's edge_ptycho record
+        (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`)."""
         probe = self.sample.probe
         return {
             "geometry": self.sample.geometry.as_dict(),
@@ -334,7 +335,7 @@ class FlyingPtychoDetector(_SimulatedDetector):
         if self.publisher is None:
             if not self.channel:
                 raise ValueError(f"{self.name}: give a pvAccess channel or a publisher to stream the frames to")
-            from .edge.transport import FramePublisher
+            from .edge.pva_servers import FramePublisher
 
             self.publisher = FramePublisher(self.channel)
         path = self._open_file()

@@ -101,7 +101,7 @@ def make_executor(kind: str = "process", *, max_workers: int = 1, address: str |
     kind : {"process", "thread", "dask", "globus"}
     max_workers : int
         Workers of the process or thread pool. Jobs are submitted one at a time by
-        :class:`~edge_ptycho_bluesky.callbacks.retrain.RetrainCallback`, so 1 is enough; a
+        :class:`~edge_ptycho_bluesky.training.service.RetrainService`, so 1 is enough; a
         persistent worker keeps its Tiled connection between jobs.
     address : str, optional
         ``"dask"``: scheduler address (``"tcp://host:8786"``); None starts a LocalCluster.

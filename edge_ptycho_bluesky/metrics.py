@@ -32,6 +32,9 @@ from scipy import ndimage
 from scipy.spatial import Delaunay, QhullError
 from skimage.metrics import structural_similarity
 
+from . import FRAME_SIZE
+from .stitching_grid import SNAP_TOLERANCE
+
 __all__ = [
     "compare",
     "frc",
@@ -46,9 +49,6 @@ logger = logging.getLogger(__name__)
 
 #: Constant FRC threshold of Rosenthal & Henderson (2003).
 ONE_SEVENTH = 1.0 / 7.0
-
-#: Same snapping tolerance as the stitcher (edge_ptycho_bluesky.stitching.SNAP_TOLERANCE).
-_SNAP = 1e-6
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def compare(
 
 def scanned_mask(
     positions: ArrayLike,
-    patch_shape: Sequence[int] = (128, 128),
+    patch_shape: Sequence[int] = (FRAME_SIZE, FRAME_SIZE),
     shape: Sequence[int] | None = None,
     *,
     origin: Sequence[float] = (0.0, 0.0),
@@ -516,8 +516,8 @@ def scanned_mask(
         if int(min_count) < 1:
             raise ValueError(f"min_count must be >= 1, got {min_count!r}")
         # the pixels the stitcher fills: H x W at integer corners, (H - 1) x (W - 1) otherwise
-        lo = np.ceil(grid_pos - _SNAP).astype(np.int64)
-        hi = np.floor(grid_pos + np.array([h - 1, w - 1]) + _SNAP).astype(np.int64) + 1
+        lo = np.ceil(grid_pos - SNAP_TOLERANCE).astype(np.int64)
+        hi = np.floor(grid_pos + np.array([h - 1, w - 1]) + SNAP_TOLERANCE).astype(np.int64) + 1
         r0 = np.clip(lo[:, 0], 0, rows_n)
         c0 = np.clip(lo[:, 1], 0, cols_n)
         r1 = np.clip(hi[:, 0], 0, rows_n)

@@ -41,19 +41,22 @@ run's time is in docs/results.md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from .model.contract import InputContract
+from .recon.labels import labels_from_reconstruction
+from .stitching import stitch
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +210,7 @@ class Reproduction:
     def ai_image(self, scan: Scan, *, input_scale: float = 1.0, model: Any = None,
                  count_scale: float | None = None) -> NDArray[np.float32]:
         """Stitched AI phase of a scan on its object grid (patches weighted by the probe amplitude)."""
-        from .stitching import stitch
-        from .training.trainer import predict_phases
+        from .training.evaluate import predict_phases
 
         model = self.trainer.model if model is None else model
         count_scale = self.trainer.count_scale if count_scale is None else count_scale
@@ -248,8 +250,6 @@ class Reproduction:
 
     def prepare_data(self) -> None:
         """Training scans (etched features, overlap 0.9) with rPIE labels; the test scans."""
-        from .recon.labels import labels_from_reconstruction
-
         c, t0 = self.config, time.perf_counter()
         self.train_scans = []
         for k in range(c.train_scans):
@@ -264,7 +264,8 @@ class Reproduction:
 
     def fig5(self) -> None:
         """Continual learning: SSIM on a familiar and an unseen area as the corpus grows."""
-        from .training.trainer import ContinualTrainer, TrainConfig
+        from .training.config import TrainConfig
+        from .training.continual import ContinualTrainer
 
         c, t0 = self.config, time.perf_counter()
         config = TrainConfig(epochs=c.epochs, seed=c.seed, device="auto", num_threads=c.threads,
@@ -347,9 +348,7 @@ class Reproduction:
 
     def supp3(self) -> None:
         """Models retrained on training data with 1/k of the counts, tested at the same dose."""
-        import dataclasses
-
-        from .training.trainer import ContinualTrainer
+        from .training.continual import ContinualTrainer
 
         c, t0 = self.config, time.perf_counter()
         panels = []
@@ -357,8 +356,8 @@ class Reproduction:
             trainer = ContinualTrainer(c.model, self.trainer.config.with_updates(
                 epochs=c.downscale_epochs, count_scale=self.trainer.count_scale * k), self.out / f"training_x{k}")
             for i, (scan, labels) in enumerate(self.train_scans):
-                trainer.add_scan(dataclasses.replace(labels, frames=thin(labels.frames, k, seed=k + i),
-                                                     scan_uid=f"{labels.scan_uid}-x{k}"))
+                trainer.add_scan(replace(labels, frames=thin(labels.frames, k, seed=k + i),
+                                         scan_uid=f"{labels.scan_uid}-x{k}"))
             trainer.train(initial_state=self.trainer.state_dict)  # warm start from the full-dose model
             test = simulate_scan("test", c.test_frames, self.step_09, seed=7 + c.seed, exposure_s=EXPOSURE_S / k)
             image = self.ai_image(test, model=trainer.model, count_scale=trainer.count_scale)
@@ -371,12 +370,12 @@ class Reproduction:
 
     def table2(self) -> None:
         """Inference time per frame per engine and batch (ONNX Runtime float32/int8 on this CPU)."""
-        from .model import OnnxRuntimeEngine, export_onnx, preprocess
+        from .model import OnnxRuntimeEngine, export_onnx
         from .model.quantize import quantize_int8
 
         c, t0 = self.config, time.perf_counter()
         path = export_onnx(self.trainer.model.eval(), self.out / "training" / f"{c.model}.onnx")
-        calibration = preprocess(self.test.frames[:32], scale=self.trainer.count_scale)
+        calibration = InputContract(scale=self.trainer.count_scale).prepare(self.test.frames[:32])
         int8 = quantize_int8(path, self.out / "training" / f"{c.model}_int8.onnx", calibration)
         models = [(f"{c.model} float32", path, None), (f"{c.model} int8", int8, None)]
         paper_onnx = shared_data_dir() / "ptychoNN_8.onnx"
@@ -514,30 +513,3 @@ def run_reproduce(config: ReproduceConfig) -> list[dict[str, Any]]:
 
     matplotlib.use("Agg")
     return Reproduction(config).run()
-
-
-def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser("reproduce", help="reproduce the paper's figures on simulated data",
-                              description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="output folder (results.json, pictures)")
-    p.add_argument("--quick", action="store_true", help="the small set (about 10 minutes on 2 CPU cores)")
-    p.add_argument("--model", default="ptychonn2-fast", help="architecture to train (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch/ONNX Runtime threads (default: all)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_cmd_reproduce)
-
-
-def _cmd_reproduce(args: argparse.Namespace) -> int:
-    options = dict(model=args.model, threads=args.threads, seed=args.seed, progress=sys.stderr.isatty())
-    config = (ReproduceConfig.quick_config(args.out, **options) if args.quick
-              else ReproduceConfig(out=args.out, **options))
-    t0 = time.perf_counter()
-    rows = run_reproduce(config)
-    print("| figure | method | condition | metric | value | paper |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['figure']} | {r['method']} | {r['condition']} | {r['metric']} | {r['value']} | "
-              f"{'' if r['paper'] is None else r['paper']} |")
-    print(f"\n{len(rows)} rows in {args.out / 'results.json'}, pictures in {args.out}; "
-          f"{time.perf_counter() - t0:.0f} s")
-    return 0

@@ -14,6 +14,7 @@ import numpy as np
 from bluesky.plans import list_scan
 from numpy.typing import NDArray
 
+from edge_ptycho_bluesky.runs import META_KEY, EdgePtychoMeta
 from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
 
 logger = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ def _check_limits(motor: Any, values: NDArray[np.float64]) -> None:
 
 def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, labelled: bool | None,
                      beam_size: float | None) -> dict[str, Any]:
+    """The run's ptychography record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`), as written."""
     meta: dict[str, Any] = {"step_um": float(step), "num_points": int(num_points)}
     for det in detectors:
         if hasattr(det, "ptycho_metadata"):
@@ -105,7 +107,7 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
     if labelled is None:
         labelled = meta.get("overlap_ratio", 0.0) >= LABELLED_OVERLAP
     meta["labelled"] = bool(labelled)
-    return meta
+    return EdgePtychoMeta.from_dict(meta).to_dict()
 
 
 def _pattern_md(plan_name: str, plan_args: dict[str, Any], xy: NDArray[np.float64], x_motor: Any, y_motor: Any,
@@ -180,7 +182,7 @@ def spiral_ptycho_scan(
     Notes
     -----
     The start document carries the scan geometry, probe size, exposure, dose and overlap ratio
-    under ``start["edge_ptycho"]``.
+    as its edge_ptycho record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`).
     """
     _check_args(detectors, step, num_points, x_center, y_center)
     if exposure is not None and not (isinstance(exposure, numbers.Real) and exposure > 0):
@@ -200,7 +202,7 @@ def spiral_ptycho_scan(
             for det in detectors:
                 if hasattr(det, "exposure_time"):
                     yield from bps.mv(det.exposure_time, exposure)
-        _md["edge_ptycho"] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size)
+        _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size)
         _md.update(md or {})
         return (yield from list_scan(detectors, x_motor, list(xy[:, 0]), y_motor, list(xy[:, 1]),
                                      per_step=per_step, md=_md))
@@ -279,7 +281,7 @@ def spiral_ptycho_flyscan(
     Notes
     -----
     The frames go over pvAccess the moment they are taken: an edge worker monitoring the
-    detector's channel (``start["edge_ptycho"]["streamed_to"]``) infers them live; the frame
+    detector's channel (the record's ``streamed_to``) infers them live; the frame
     forwarder of the step mode leaves such runs alone (it sends them again only on replay).
     """
     _check_args([detector], step, num_points, x_center, y_center)
@@ -331,7 +333,7 @@ def spiral_ptycho_flyscan(
     def inner():
         yield from bps.mv(detector.frame_rate, rate, detector.exposure_time, exposure)
         yield from bps.mv(x_motor, xy[0, 0], y_motor, xy[0, 1])
-        _md["edge_ptycho"] = _ptycho_metadata([detector], step, num_points, labelled, None)
+        _md[META_KEY] = _ptycho_metadata([detector], step, num_points, labelled, None)
         _md.update(md or {})
         yield from bps.prepare(detector, {"positions": xy}, wait=True)
         return (yield from fly())

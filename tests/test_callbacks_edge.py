@@ -12,8 +12,11 @@ pytest.importorskip("pvaccess")
 
 from edge_ptycho_bluesky.callbacks import FrameForwarder, LivePhasePlot, LiveStitchCallback  # noqa: E402
 from edge_ptycho_bluesky.derived import find_derived_runs  # noqa: E402
-from edge_ptycho_bluesky.edge.transport import FramePublisher, PatchSubscriber, PvaFrameSource, PvaPatchSink  # noqa: E402
-from edge_ptycho_bluesky.edge.worker import EdgeWorker, FileModelSource, WorkerConfig, engine_factory  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, PvaFrameSource  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_servers import FramePublisher, PvaPatchSink  # noqa: E402
+from edge_ptycho_bluesky.edge.model_source import FileModelSource, engine_factory  # noqa: E402
+from edge_ptycho_bluesky.edge.worker import EdgeWorker  # noqa: E402
+from edge_ptycho_bluesky.edge.worker_config import WorkerConfig  # noqa: E402
 from edge_ptycho_bluesky.metrics import ssim  # noqa: E402
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan  # noqa: E402
 from edge_ptycho_bluesky.stitching import stitch  # noqa: E402
@@ -109,7 +112,7 @@ def test_scan_is_inferred_stitched_stored_and_replayed(RE, beamline, tiled_clien
 
 def stitch_cb_grid_pixels(result, start):
     """Pixel positions and grid origin the live stitcher used, recomputed independently."""
-    from edge_ptycho_bluesky.stitching import PhysicalGrid, grid_from_positions
+    from edge_ptycho_bluesky.stitching_grid import PhysicalGrid, grid_from_positions
     pixel_um = start["edge_ptycho"]["geometry"]["pixel_size_nm"] * 1e-3
     (x0, x1), (y0, y1) = start["extents"]
     corners = np.array([[x0, y0], [x1, y1]])
@@ -161,3 +164,39 @@ def test_callback_errors_are_counted_not_raised(RE, beamline):
     stitch_cb = LiveStitchCallback(wait_timeout=0.1)
     stitch_cb("start", {"uid": "x", "time": 0})  # no geometry: cannot place patches
     assert stitch_cb.errors == 1
+
+
+def test_event_pages_reach_the_forwarder_event_by_event(tmp_path):
+    """The forwarder implements only ``event``: the document router unpacks event pages for it."""
+    import h5py
+    from event_model import pack_event_page
+
+    path = tmp_path / "frames.h5"
+    with h5py.File(path, "w", libver="latest") as f:
+        f["data"] = np.arange(3 * 128 * 128, dtype=np.uint16).reshape(3, 128, 128)
+    sent: list[tuple[int, dict]] = []
+
+    class Recorder:
+        def publish(self, frame, unique_id, **kwargs):
+            sent.append((int(frame[0, 0]), kwargs))
+
+    forwarder = FrameForwarder(Recorder(), image_key="img")
+    try:
+        forwarder("start", {"uid": "run-1", "time": 0, "motors": ["x", "y"]})
+        forwarder("descriptor", {"uid": "d-1", "run_start": "run-1", "time": 0, "name": "primary",
+                                 "data_keys": {"img": {}, "x": {}, "y": {}}})
+        forwarder("stream_resource", {"uid": "r-1", "data_key": "img", "uri": f"file://localhost{path}",
+                                      "parameters": {"dataset": "data"}})
+        forwarder("stream_datum", {"uid": "r-1/0", "stream_resource": "r-1", "descriptor": "d-1",
+                                   "indices": {"start": 0, "stop": 3}, "seq_nums": {"start": 1, "stop": 4}})
+        forwarder("event_page", pack_event_page(*[
+            {"uid": f"e-{i}", "time": 0, "seq_num": i, "descriptor": "d-1", "data": {"x": 0.1 * i, "y": -0.1 * i},
+             "timestamps": {"x": 0, "y": 0}, "filled": {}} for i in (1, 2, 3)]))
+        assert forwarder.flush(10)
+    finally:
+        forwarder.close()
+    assert forwarder.errors == forwarder.failed == 0
+    assert [first for first, _ in sent] == [0, 128 * 128, 2 * 128 * 128]
+    assert [kw["attributes"]["seq_num"] for _, kw in sent] == [1, 2, 3]
+    assert [kw["pos"] for _, kw in sent] == [pytest.approx((0.1 * i, -0.1 * i)) for i in (1, 2, 3)]
+    assert {kw["scan_uid"] for _, kw in sent} == {"run-1"}

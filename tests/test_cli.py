@@ -44,3 +44,18 @@ def test_unknown_subcommand_exits_with_usage(capsys):
         main(["no-such-command"])
     assert info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_command_imports_only_its_own_module():
+    """A worker process starts without loading the trainer, the demo or torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from edge_ptycho_bluesky.cli import build_parser; build_parser('worker'); "
+            "print(sorted(m for m in ('torch', 'edge_ptycho_bluesky.training.cli', 'edge_ptycho_bluesky.demo') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    with pytest.raises(SystemExit) as info:  # every command is still listed in the help
+        main(["--help"])
+    assert info.value.code == 0

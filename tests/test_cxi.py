@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -75,7 +76,9 @@ def test_scan_and_reconstruction_round_trip(tmp_path):
 
 def test_scan_without_probe_and_with_probe_modes(tmp_path):
     bare = read_cxi(write_cxi(tmp_path / "bare.cxi", make_scan(probe_modes=None)))
-    assert bare.probe is None
+    assert bare.probe is None and bare.exposure_s is None
+    timed = read_cxi(write_cxi(tmp_path / "timed.cxi", dataclasses.replace(make_scan(), exposure_s=0.25)))
+    assert timed.exposure_s == 0.25  # written as the detector's count_time
     modes = read_cxi(write_cxi(tmp_path / "modes.cxi", make_scan(probe_modes=3)))
     assert modes.probe.shape == (3, 16, 16) and modes.probe.dtype == np.complex64
     with pytest.raises(ValueError, match="image_1/data is missing"):

@@ -21,17 +21,10 @@ from edge_ptycho_bluesky.edge.ntnda import (  # noqa: E402
     encode_frame,
     encode_patch,
 )
-from edge_ptycho_bluesky.edge.transport import (  # noqa: E402
-    LOOPBACK_ENV,
-    FramePublisher,
-    InProcessFrameSource,
-    InProcessPatchSink,
-    PatchSubscriber,
-    PvaFrameSource,
-    PvaPatchSink,
-    loopback_env,
-    read_status,
-)
+from edge_ptycho_bluesky.edge.inprocess import InProcessFrameSource, InProcessPatchSink  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, PvaFrameSource, read_status  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_servers import FramePublisher, PvaPatchSink  # noqa: E402
+from edge_ptycho_bluesky.edge.transport import LOOPBACK_ENV, loopback_env  # noqa: E402
 
 from .conftest import wait_until as _wait  # noqa: E402
 

@@ -25,26 +25,20 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
-from edge_ptycho_bluesky.edge.ntnda import Frame, Patch, encode_frame  # noqa: E402
-from edge_ptycho_bluesky.edge.transport import (  # noqa: E402
-    FramePublisher,
-    InProcessFrameSource,
-    InProcessPatchSink,
-    PatchSubscriber,
-    PvaFrameSource,
-    PvaPatchSink,
-    loopback_env,
-    read_status,
-)
-from edge_ptycho_bluesky.edge.worker import (  # noqa: E402
-    EdgeWorker,
+from edge_ptycho_bluesky.edge.inprocess import InProcessFrameSource, InProcessPatchSink  # noqa: E402
+from edge_ptycho_bluesky.edge.model_source import (  # noqa: E402
     Engine,
     FileModelSource,
     ModelRefused,
     RegistryModelSource,
-    WorkerConfig,
     engine_factory,
 )
+from edge_ptycho_bluesky.edge.ntnda import Frame, Patch, encode_frame  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, PvaFrameSource, read_status  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_servers import FramePublisher, PvaPatchSink  # noqa: E402
+from edge_ptycho_bluesky.edge.transport import loopback_env  # noqa: E402
+from edge_ptycho_bluesky.edge.worker import EdgeWorker  # noqa: E402
+from edge_ptycho_bluesky.edge.worker_config import WorkerConfig  # noqa: E402
 from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402
 
 from .conftest import wait_until as _wait  # noqa: E402
@@ -530,7 +524,7 @@ def _bad_frames(pub: FramePublisher, start: int) -> dict[str, int]:
 
 
 def test_worker_subprocess_over_pvaccess(tmp_path: Path) -> None:
-    """The real process (`python -m edge_ptycho_bluesky.edge.worker --registry`): pvAccess in
+    """The real process (`python -m edge_ptycho_bluesky.edge.cli --registry`): pvAccess in
     and out, bad input, a hot swap between two streamed runs of frames, SIGINT."""
     reg = ModelRegistry(tmp_path / "models")
     v1 = reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
@@ -539,7 +533,7 @@ def test_worker_subprocess_over_pvaccess(tmp_path: Path) -> None:
     pub = FramePublisher(inp)
     received: list[Patch] = []
     sub = PatchSubscriber(out, received.append)
-    cmd = [sys.executable, "-m", "edge_ptycho_bluesky.edge.worker", "--registry", str(reg.root),
+    cmd = [sys.executable, "-m", "edge_ptycho_bluesky.edge.cli", "--registry", str(reg.root),
            "--engine", "onnxruntime", "--threads", "1", "--input", inp, "--output", out,
            "--status", status, "--status-period", "0.1", "--poll-period", "0.1",
            "--max-wait-ms", "2", "--stats-json", str(stats_file), "--log-level", "WARNING"]
@@ -592,7 +586,7 @@ def test_worker_subprocess_over_pvaccess(tmp_path: Path) -> None:
 def test_cli_registers_the_worker_subcommand(model2: Path) -> None:
     import argparse
 
-    from edge_ptycho_bluesky.edge.worker import add_subcommand
+    from edge_ptycho_bluesky.edge.cli import add_subcommand
 
     parser = argparse.ArgumentParser()
     add_subcommand(parser.add_subparsers(dest="cmd"))

@@ -18,8 +18,8 @@ from edge_ptycho_bluesky.model import (
     available_engines,
     build_model,
     export_onnx,
-    inspect_onnx,
     load_engine,
+    onnx_graph_info,
     ptychonn2_from_onnx,
     save_state_dict,
 )
@@ -73,7 +73,7 @@ def paper_model():
 def test_export_writes_a_checked_dynamic_batch_graph(exported, model):
     proto = onnx.load(str(exported))
     onnx.checker.check_model(proto, full_check=True)
-    info = inspect_onnx(proto)
+    info = onnx_graph_info(proto)
     assert info.opset == 17
     assert info.input_name == "diffraction" and info.output_names == ("phase",)
     assert info.input_shape == (None, 1, 128, 128) and info.fixed_batch is None
@@ -89,7 +89,7 @@ def test_export_writes_a_checked_dynamic_batch_graph(exported, model):
 
 def test_legacy_exporter_and_fixed_batch(model, tmp_path):
     path = export_onnx(model, tmp_path / "fixed4.onnx", exporter="legacy", dynamic_batch=False, batch_size=4)
-    assert inspect_onnx(path).input_shape == (4, 1, 128, 128)
+    assert onnx_graph_info(path).input_shape == (4, 1, 128, 128)
     engine = OnnxRuntimeEngine(path, intra_op_threads=1)
     assert engine.fixed_batch == 4 and engine.max_batch == 4
     x = _frames(5)
@@ -100,7 +100,7 @@ def test_export_two_headed_ptychonn(tmp_path):
     torch.manual_seed(5)
     original = build_model("ptychonn")
     path = export_onnx(original, tmp_path / "ptychonn.onnx", exporter="legacy")
-    assert inspect_onnx(path).output_names == ("amplitude", "phase")
+    assert onnx_graph_info(path).output_names == ("amplitude", "phase")
     engine = OnnxRuntimeEngine(path, intra_op_threads=1)
     assert engine.output_name == "phase"
     x = _frames(2)
@@ -112,7 +112,7 @@ def test_export_two_headed_ptychonn(tmp_path):
 
 def test_onnxruntime_spinning_option_reaches_the_session(exported):
     """allow_spinning sets ONNX Runtime's session entry; the worker's factory turns it off by default."""
-    from edge_ptycho_bluesky.edge.worker import engine_factory
+    from edge_ptycho_bluesky.edge.model_source import engine_factory
 
     def spinning(engine):
         return engine._session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")

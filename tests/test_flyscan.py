@@ -19,9 +19,10 @@ import pytest
 pytest.importorskip("pvaccess")
 pytest.importorskip("onnxruntime")
 
+from edge_ptycho_bluesky.callbacks.session import EdgeSession  # noqa: E402
 from edge_ptycho_bluesky.devices import FlyingPtychoDetector, make_simulated_beamline  # noqa: E402
-from edge_ptycho_bluesky.edge.session import EdgeSession, EdgeSessionConfig  # noqa: E402
-from edge_ptycho_bluesky.edge.transport import InProcessFrameSource  # noqa: E402
+from edge_ptycho_bluesky.edge.session import EdgeSessionConfig  # noqa: E402
+from edge_ptycho_bluesky.edge.inprocess import InProcessFrameSource  # noqa: E402
 from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan, spiral_ptycho_pattern  # noqa: E402
 from edge_ptycho_bluesky.storage import get_run, make_tiled_writer, replay  # noqa: E402
 from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -162,7 +161,8 @@ def test_plan_arguments_are_checked_before_anything_moves(beamline, step, num_po
 
 # -- registry manifests -----------------------------------------------------------------------
 
-from edge_ptycho_bluesky.training.registry import ModelRegistry, RegistryError  # noqa: E402
+from edge_ptycho_bluesky.training.registry import ModelRegistry  # noqa: E402
+from edge_ptycho_bluesky.training.registry_checks import RegistryError  # noqa: E402
 
 from .conftest import tiny_onnx  # noqa: E402
 

@@ -14,12 +14,14 @@ from edge_ptycho_bluesky.io.cxi import PtychoScan, read_cxi, write_cxi
 from edge_ptycho_bluesky.model import build_model
 from edge_ptycho_bluesky.model.engines import OnnxRuntimeEngine
 from edge_ptycho_bluesky.model.export import export_onnx
-from edge_ptycho_bluesky.model.infer_cli import add_subcommand, infer_scan, load_scan
+from edge_ptycho_bluesky.model.infer_cli import add_subcommand
+from edge_ptycho_bluesky.model.scan_inference import infer_scan, load_scan
 from edge_ptycho_bluesky.model.preprocess import preprocess
 from edge_ptycho_bluesky.sim import fermat_spiral, make_sample, step_for_overlap
 from edge_ptycho_bluesky.stitching import stitch
-from edge_ptycho_bluesky.training.registry import ModelRegistry, RegistryError, import_onnx
-from edge_ptycho_bluesky.training.registry import add_subcommand as registry_cli
+from edge_ptycho_bluesky.training.registry import ModelRegistry, import_onnx
+from edge_ptycho_bluesky.training.registry_checks import RegistryError
+from edge_ptycho_bluesky.training.registry_cli import add_subcommand as registry_cli
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PAPER_ONNX = SHARED_DATA / "ptychoNN_8.onnx"
@@ -178,7 +180,7 @@ def test_infer_a_run_stored_in_tiled(RE, beamline, tiled_client, storage_config,
                                      monkeypatch, capsys):
     """INPUT as a run uid: frames, stage positions and geometry come from the configured Tiled."""
     from edge_ptycho_bluesky.plans import spiral_ptycho_scan
-    from edge_ptycho_bluesky.recon.rpie import window_positions_from_stage
+    from edge_ptycho_bluesky.recon.positions import window_positions_from_stage
     from edge_ptycho_bluesky.storage import ENV_DATA_DIR, ENV_TILED_URI, get_run, make_tiled_writer
 
     monkeypatch.setenv(ENV_DATA_DIR, str(storage_config.data_dir))

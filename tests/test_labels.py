@@ -19,7 +19,7 @@ from edge_ptycho_bluesky.recon.labels import (
     save_corpus,
     store_labels,
 )
-from edge_ptycho_bluesky.recon.rpie import RPIEOptions, RPIEResult
+from edge_ptycho_bluesky.recon.rpie_options import RPIEOptions, RPIEResult
 
 N = 32  # patch size for these tests (the production one is 128)
 

@@ -22,9 +22,9 @@ from edge_ptycho_bluesky.model import (
     center_crop,
     count_parameters,
     frame_problem,
-    inspect_onnx,
     load_model,
     load_onnx_weights,
+    onnx_graph_info,
     preprocess,
     ptychonn2_from_onnx,
     validate_frame,
@@ -156,7 +156,7 @@ def test_state_dict_roundtrip(tmp_path):
 
 @needs_paper_onnx
 def test_paper_onnx_structure():
-    info = inspect_onnx(PAPER_ONNX)
+    info = onnx_graph_info(PAPER_ONNX)
     assert info.opset == 12 and info.producer == "pytorch 1.11.0"
     assert info.input_shape == (8, 1, 128, 128) and info.fixed_batch == 8
     assert info.n_initializer_elements == PTYCHONN2_ONNX_INITIALIZER_ELEMENTS == 733_937

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("pvaccess")
 pytest.importorskip("onnxruntime")
 
-from edge_ptycho_bluesky.edge.session import EdgeSessionConfig, start_edge_session  # noqa: E402
+from edge_ptycho_bluesky.callbacks.session import start_edge_session  # noqa: E402
+from edge_ptycho_bluesky.edge.session import EdgeSessionConfig  # noqa: E402
 from edge_ptycho_bluesky.storage import StorageConfig  # noqa: E402
 
 from .conftest import tiny_onnx  # noqa: E402
@@ -167,14 +168,14 @@ def test_no_model_means_one_clear_line_and_no_worker(tmp_path, monkeypatch, capl
     for key in EDGE_ENV:
         monkeypatch.delenv(key, raising=False)
     storage = StorageConfig(data_dir=tmp_path)
-    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.edge.session"):
+    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.callbacks.session"):
         assert start_edge_session(None, None, storage) is None
     lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lines) == 1 and "edge-ptycho import-onnx" in lines[0]
     assert str(tmp_path / "registry") in lines[0]
     monkeypatch.setenv("EDGE_PTYCHO_EDGE", "0")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.edge.session"):
+    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.callbacks.session"):
         assert start_edge_session(None, None, storage) is None
     assert "disabled" in caplog.text
     monkeypatch.setenv("EDGE_PTYCHO_EDGE", "1")
@@ -196,7 +197,7 @@ def test_a_worker_that_cannot_start_leaves_the_session_without_edge(tmp_path, mo
     tag = uuid.uuid4().hex[:8]
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_INPUT", f"test:{tag}:frames")
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_ENGINE", "no-such-engine")  # the worker exits at once
-    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.edge.session"):
+    with caplog.at_level(logging.INFO, logger="edge_ptycho_bluesky.callbacks.session"):
         assert start_edge_session(None, None, StorageConfig(data_dir=tmp_path)) is None
     assert "could not start" in caplog.text and "did not start" in caplog.text
     assert "invalid choice" in (tmp_path / "logs" / "edge-worker.log").read_text()

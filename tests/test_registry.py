@@ -18,18 +18,18 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from edge_ptycho_bluesky.training.registry import (
+from edge_ptycho_bluesky.training.model_version import (
     CURRENT_NAME,
     MANIFEST_NAME,
-    REGISTRY_ENV,
     REQUIRED_MANIFEST_KEYS,
-    ModelRegistry,
     ModelVersion,
-    RegistryError,
-    add_subcommand,
-    import_onnx,
-    inspect_onnx,
 )
+from edge_ptycho_bluesky.training.registry import ModelRegistry, import_onnx
+from edge_ptycho_bluesky.training.registry_checks import (
+    RegistryError,
+    check_onnx_contract,
+)
+from edge_ptycho_bluesky.training.registry_cli import REGISTRY_ENV, add_subcommand
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -481,7 +481,7 @@ def test_import_onnx_refuses_bad_file_before_touching_registry(
 
 @pytest.mark.skipif(not PAPER_ONNX.exists(), reason=f"paper's ONNX not found at {PAPER_ONNX}")
 def test_import_paper_onnx(reg: ModelRegistry) -> None:
-    info = inspect_onnx(PAPER_ONNX)
+    info = check_onnx_contract(PAPER_ONNX)
     assert info.batch == 8 and info.input_name == "input.1" and info.input_shape == (8, 1, 128, 128)
     mv = import_onnx(reg, PAPER_ONNX, notes="Babu, Zhou et al. 2023")
     assert isinstance(mv, ModelVersion) and mv.version == "v0001"

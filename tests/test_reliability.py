@@ -23,15 +23,13 @@ pytest.importorskip("onnxruntime")
 
 import bluesky.plan_stubs as bps  # noqa: E402
 
-from edge_ptycho_bluesky.edge.session import EdgeSession, EdgeSessionConfig  # noqa: E402
-from edge_ptycho_bluesky.edge.transport import (  # noqa: E402
-    FramePublisher,
-    PatchSubscriber,
-    PvaFrameSource,
-    PvaPatchSink,
-    read_status,
-)
-from edge_ptycho_bluesky.edge.worker import EdgeWorker, FileModelSource, WorkerConfig, engine_factory  # noqa: E402
+from edge_ptycho_bluesky.edge.model_source import FileModelSource, engine_factory  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, PvaFrameSource, read_status  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_servers import FramePublisher, PvaPatchSink  # noqa: E402
+from edge_ptycho_bluesky.callbacks.session import EdgeSession  # noqa: E402
+from edge_ptycho_bluesky.edge.session import EdgeSessionConfig  # noqa: E402
+from edge_ptycho_bluesky.edge.worker import EdgeWorker  # noqa: E402
+from edge_ptycho_bluesky.edge.worker_config import WorkerConfig  # noqa: E402
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan  # noqa: E402
 from edge_ptycho_bluesky.storage import (  # noqa: E402
     StorageConfig,

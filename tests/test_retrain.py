@@ -20,10 +20,12 @@ from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
 from edge_ptycho_bluesky.executors import ExecutorUnavailable, make_executor
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 from edge_ptycho_bluesky.storage import StorageConfig, TiledServer, make_tiled_writer
+from edge_ptycho_bluesky.training.config import TrainConfig
 from edge_ptycho_bluesky.training.jobs import JOB_PURPOSE, JobConfig, JobRequest, JobResult, run_retraining_job
 from edge_ptycho_bluesky.training.policy import RetrainPolicy, RetrainPolicyConfig
 from edge_ptycho_bluesky.training.registry import ModelRegistry
-from edge_ptycho_bluesky.training.trainer import TrainConfig
+from edge_ptycho_bluesky.training.service import RetrainService
+from edge_ptycho_bluesky.training.watcher import TiledRunWatcher
 
 from .conftest import tiny_onnx
 
@@ -71,8 +73,10 @@ def test_labelled_scan_retrains_deploys_and_worker_swaps_on_process_pool_and_das
         RE, beamline, tiled_client, storage_config, writer, tmp_path):
     """One RE(...) call; the same workflow on a process pool and on a Dask LocalCluster(2)."""
     from edge_ptycho_bluesky.derived import find_derived_runs
-    from edge_ptycho_bluesky.edge.transport import InProcessFrameSource, InProcessPatchSink
-    from edge_ptycho_bluesky.edge.worker import EdgeWorker, RegistryModelSource, WorkerConfig, engine_factory
+    from edge_ptycho_bluesky.edge.inprocess import InProcessFrameSource, InProcessPatchSink
+    from edge_ptycho_bluesky.edge.model_source import RegistryModelSource, engine_factory
+    from edge_ptycho_bluesky.edge.worker import EdgeWorker
+    from edge_ptycho_bluesky.edge.worker_config import WorkerConfig
 
     reg_pool = deploy_tiny(tmp_path / "pool")
     reg_dask = deploy_tiny(tmp_path / "dask")
@@ -431,18 +435,16 @@ def test_a_worker_process_that_dies_is_replaced_and_the_job_retried(RE, beamline
 
 
 def test_tiled_watcher_queues_new_finished_labelled_runs(RE, beamline, tiled_client, storage_config, tmp_path):
-    from edge_ptycho_bluesky.callbacks.retrain import TiledRunWatcher
-
     seen: list[str] = []
 
     def record(request: JobRequest) -> JobResult:
         seen.append(request.scan_uid)
         return _fake_result(request)
 
-    cb = RetrainCallback(job_config(tmp_path, storage_config, NEVER_RETRAIN), "thread", job_fn=record,
-                         record_dir=tmp_path / "records")
+    cb = RetrainService(job_config(tmp_path, storage_config, NEVER_RETRAIN), "thread", job_fn=record,
+                        record_dir=tmp_path / "records")
     watcher = TiledRunWatcher(tiled_client, cb, interval_s=0.2)
-    RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the callback is NOT subscribed
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # no callback is subscribed
     try:
         assert watcher.poll() == []  # runs stored before the watcher started are not queued
         (labelled,) = RE(labelled_scan(beamline, n=4))

@@ -9,14 +9,12 @@ import pytest
 import torch
 
 from edge_ptycho_bluesky.metrics import compare
-from edge_ptycho_bluesky.recon.rpie import (
-    RPIEDivergenceError,
-    RPIEOptions,
-    RPIEReconstructor,
-    modelled_probe,
-    recon_from_run,
-    rpie,
-)
+from edge_ptycho_bluesky.options import UnknownOptionError
+from edge_ptycho_bluesky.recon.probe_init import modelled_probe
+from edge_ptycho_bluesky.recon.reconstructor import RPIEDivergenceError, RPIEReconstructor
+from edge_ptycho_bluesky.recon.reconstruct import recon_from_run
+from edge_ptycho_bluesky.recon.rpie import rpie
+from edge_ptycho_bluesky.recon.rpie_options import RPIEOptions
 from edge_ptycho_bluesky.sim import beam_diameter_nm, fermat_spiral, make_sample, step_for_overlap
 
 EXPOSURE_S = 0.01
@@ -163,6 +161,14 @@ def test_bad_input_is_refused_with_a_clear_message(case, match):
         rpie(frames, pos, probe=true_probe(sample), object_shape=shape, iterations=1)
 
 
+def test_unknown_options_are_refused_naming_them():
+    with pytest.raises(UnknownOptionError, match=r"unknown rPIE option keys \['alhpa'\]"):
+        RPIEOptions.from_mapping({"alhpa": 0.2})
+    with pytest.raises(ValueError, match="valid keys are"):
+        RPIEOptions().with_updates(iterations=3, betta=1.0)
+    assert RPIEOptions.from_mapping({"alpha": 0.2}).with_updates(iterations=3) == RPIEOptions(alpha=0.2, iterations=3)
+
+
 def test_divergence_is_rolled_back_and_reported(monkeypatch):
     sample, pos, frames, _ = scan(0.9, 150)
     rec = RPIEReconstructor(sample.transmission.shape, probe=true_probe(sample))
@@ -241,6 +247,6 @@ def test_growing_error_is_warned_about(monkeypatch, caplog):
     rec.add_frames(frames[:10], pos[:10])
     values = iter([0.01, 0.02, 0.2])
     monkeypatch.setattr(rec, "_epoch", lambda: next(values))
-    with caplog.at_level("WARNING", logger="edge_ptycho_bluesky.recon.rpie"):
+    with caplog.at_level("WARNING", logger="edge_ptycho_bluesky.recon.reconstructor"):
         assert rec.iterate(3) == [0.01, 0.02, 0.2]
     assert "error grew from 0.01 to 0.2" in caplog.text

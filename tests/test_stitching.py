@@ -7,14 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_ptycho_bluesky.stitching import (
-    IncrementalStitcher,
-    PhysicalGrid,
-    _bincount_accumulate,
-    grid_from_positions,
-    positions_from_physical,
-    stitch,
-)
+from edge_ptycho_bluesky.stitching import IncrementalStitcher, _bincount_accumulate, stitch
+from edge_ptycho_bluesky.stitching_grid import PhysicalGrid, grid_from_positions, positions_from_physical
 
 P = 32  # patch side used in most tests (keeps the suite fast); 128 is checked once below
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -23,12 +23,12 @@ from edge_ptycho_bluesky.recon.labels import LabelledScan, extract_labels
 from edge_ptycho_bluesky.sim import fermat_spiral, make_sample
 from edge_ptycho_bluesky.training.corpus import TrainingCorpus
 from edge_ptycho_bluesky.training.registry import ModelRegistry
-from edge_ptycho_bluesky.training.trainer import (
-    ContinualTrainer,
-    TrainConfig,
-    add_subcommand,
+from edge_ptycho_bluesky.training.cli import add_subcommand
+from edge_ptycho_bluesky.training.config import TrainConfig
+from edge_ptycho_bluesky.training.continual import ContinualTrainer
+from edge_ptycho_bluesky.training.evaluate import evaluate_scan
+from edge_ptycho_bluesky.training.loop import (
     auto_count_scale,
-    evaluate_scan,
     dihedral,
     fit,
     loss_window,
@@ -501,7 +501,7 @@ def test_cli_trains_and_publishes(tmp_path: Path, scan_b: LabelledScan,
 def test_corpus_exposure_is_recorded_only_when_every_scan_agrees():
     from types import SimpleNamespace
 
-    from edge_ptycho_bluesky.training.trainer import corpus_exposure
+    from edge_ptycho_bluesky.training.continual import corpus_exposure
 
     def scans(*exposures):
         return [SimpleNamespace(metadata={} if e is None else {"exposure_s": e}) for e in exposures]

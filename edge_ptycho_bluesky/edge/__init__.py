@@ -18,20 +18,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Exports are imported lazily (PEP 562), so that ``python -m edge_ptycho_bluesky.edge.worker``
-# does not import the worker module twice and importing the codec does not pull in torch.
+# Exports are imported lazily (PEP 562), so that ``python -m edge_ptycho_bluesky.edge.cli``
+# does not import the command module twice and importing the codec does not pull in torch.
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["ATTR_MODEL_VERSION", "ATTR_POS_X", "ATTR_POS_Y", "ATTR_SCAN_UID", "Frame",
                      "FrameDecodeError", "Patch", "decode_frame", "decode_patch", "encode_frame",
                      "encode_patch"], "ntnda"),
-    **dict.fromkeys(["DEFAULT_INPUT_PV", "DEFAULT_OUTPUT_PV", "DEFAULT_STATUS_PV",
-                     "FramePublisher", "FrameSource", "InProcessFrameSource",
-                     "InProcessPatchSink", "PatchSink", "PatchSubscriber", "PvaFrameSource",
-                     "PvaPatchSink", "loopback_env", "read_status"], "transport"),
-    **dict.fromkeys(["EdgeSession", "EdgeSessionConfig", "start_edge_session"], "session"),
-    **dict.fromkeys(["DROP_REASONS", "EdgeWorker", "Engine", "FileModelSource", "LoadedModel",
-                     "ModelRefused", "RegistryModelSource", "WorkerConfig", "WorkerStats",
-                     "engine_factory"], "worker"),
+    **dict.fromkeys(["DEFAULT_INPUT_PV", "DEFAULT_OUTPUT_PV", "DEFAULT_STATUS_PV", "FrameSource",
+                     "PatchSink", "loopback_env"], "transport"),
+    **dict.fromkeys(["InProcessFrameSource", "InProcessPatchSink"], "inprocess"),
+    **dict.fromkeys(["FramePublisher", "PvaPatchSink"], "pva_servers"),
+    **dict.fromkeys(["PatchSubscriber", "PvaFrameSource", "read_status"], "pva_clients"),
+    **dict.fromkeys(["EdgeSessionConfig"], "session"),
+    **dict.fromkeys(["DROP_REASONS", "EdgeWorker"], "worker"),
+    **dict.fromkeys(["Engine", "FileModelSource", "LoadedModel", "ModelRefused",
+                     "RegistryModelSource", "engine_factory"], "model_source"),
+    **dict.fromkeys(["WorkerConfig"], "worker_config"),
+    **dict.fromkeys(["WorkerStats"], "worker_stats"),
 }
 
 
@@ -57,7 +60,6 @@ __all__ = [
     "DEFAULT_OUTPUT_PV",
     "DEFAULT_STATUS_PV",
     "DROP_REASONS",
-    "EdgeSession",
     "EdgeSessionConfig",
     "EdgeWorker",
     "Engine",
@@ -85,5 +87,4 @@ __all__ = [
     "engine_factory",
     "loopback_env",
     "read_status",
-    "start_edge_session",
 ]

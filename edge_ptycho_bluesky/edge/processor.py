@@ -51,17 +51,13 @@ from typing import Any
 import pvaccess as pva
 from pvapy.hpc.adImageProcessor import AdImageProcessor
 
+from ..options import UnknownOptionError, check_known_keys
+from .inprocess import InProcessPatchSink
+from .model_source import FileModelSource, ModelRefused, ModelSource, RegistryModelSource, engine_factory
 from .ntnda import Frame, FrameDecodeError, Patch, decode_frame, empty_ntndarray, encode_patch
-from .transport import FrameHandler, InProcessPatchSink
-from .worker import (
-    EdgeWorker,
-    FileModelSource,
-    ModelRefused,
-    ModelSource,
-    RegistryModelSource,
-    WorkerConfig,
-    engine_factory,
-)
+from .transport import FrameHandler
+from .worker import EdgeWorker
+from .worker_config import WorkerConfig
 
 __all__ = ["EdgePtychoProcessor"]
 
@@ -126,16 +122,14 @@ class EdgePtychoProcessor(AdImageProcessor):  # type: ignore[misc]
     Raises
     ------
     ValueError
-        Unknown arguments, or neither/both of ``model`` and ``registry``.
+        Unknown arguments (:class:`~edge_ptycho_bluesky.options.UnknownOptionError`), or
+        neither/both of ``model`` and ``registry``.
     """
 
     def __init__(self, configDict: Mapping[str, Any] | None = None) -> None:
         config = dict(configDict or {})
         AdImageProcessor.__init__(self, config)
-        unknown = set(config) - _KNOWN_KEYS - _FRAMEWORK_KEYS
-        if unknown:
-            raise ValueError(f"unknown processor arguments {sorted(unknown)}; known: "
-                             f"{sorted(_KNOWN_KEYS)}")
+        check_known_keys("processor arguments", set(config) - _FRAMEWORK_KEYS, _KNOWN_KEYS)
         self.config = config
         self._worker: EdgeWorker | None = None
         self._source = _PushFrameSource()
@@ -210,9 +204,10 @@ class EdgePtychoProcessor(AdImageProcessor):  # type: ignore[misc]
         if not isinstance(configDict, Mapping):
             return
         ours = {k: v for k, v in configDict.items() if k in _KNOWN_KEYS}
-        unknown = set(configDict) - _KNOWN_KEYS - _FRAMEWORK_KEYS
-        if unknown:
-            logger.warning("ignoring unknown processor arguments %s", sorted(unknown))
+        try:
+            check_known_keys("processor arguments", set(configDict) - _FRAMEWORK_KEYS, _KNOWN_KEYS)
+        except UnknownOptionError as exc:
+            logger.warning("ignoring %s", exc)
         if self._worker is None:
             merged = {**self.config, **ours}
             if "model" in ours:

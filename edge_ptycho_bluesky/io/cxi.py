@@ -9,6 +9,7 @@ Layout written (and read) here, following the CXI 1.6 specification and what pty
 ``/entry_1/data_1/data``                        soft link to the detector data
 ``/entry_1/instrument_1/detector_1/distance``   sample-detector distance (m)
 ``/entry_1/instrument_1/detector_1/x_pixel_size``, ``y_pixel_size``   detector pixel (m)
+``/entry_1/instrument_1/detector_1/count_time`` exposure time per frame (s), when known
 ``/entry_1/instrument_1/source_1/energy``       photon energy (J, as CXI specifies)
 ``/entry_1/instrument_1/source_1/illumination`` complex probe ``(N, N)`` or ``(modes, N, N)``, optional
 ``/entry_1/sample_1/geometry_1/translation``    ``(N, 3)`` positions (x, y, z) in metres
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ..recon.positions import object_shape_for_positions, window_positions_from_stage
 from ..sim.geometry import Geometry
 
 __all__ = [
@@ -61,6 +63,7 @@ DETECTOR_DATA = "/entry_1/instrument_1/detector_1/data"
 DISTANCE = "/entry_1/instrument_1/detector_1/distance"
 X_PIXEL = "/entry_1/instrument_1/detector_1/x_pixel_size"
 Y_PIXEL = "/entry_1/instrument_1/detector_1/y_pixel_size"
+COUNT_TIME = "/entry_1/instrument_1/detector_1/count_time"
 ENERGY = "/entry_1/instrument_1/source_1/energy"
 ILLUMINATION = "/entry_1/instrument_1/source_1/illumination"
 TRANSLATION = "/entry_1/sample_1/geometry_1/translation"
@@ -88,6 +91,10 @@ class PtychoScan:
         Illumination in sqrt(photons) per object pixel.
     uid : str, optional
         Scan identifier (the Bluesky run uid).
+    exposure_s : float, optional
+        Exposure time per frame (s), when known: the model input is scaled by it.
+    beam_diameter_nm : float, optional
+        Recorded beam diameter (nm), for a modelled starting probe when there is no probe.
     """
 
     frames: NDArray[Any]
@@ -95,6 +102,8 @@ class PtychoScan:
     geometry: Geometry
     probe: NDArray[np.complex64] | None = None
     uid: str | None = None
+    exposure_s: float | None = None
+    beam_diameter_nm: float | None = None
 
     def __post_init__(self) -> None:
         frames = np.asarray(self.frames)
@@ -135,8 +144,6 @@ class PtychoScan:
         Stage (0, 0) maps to the object's centre, as in the simulator; with ``object_shape=None``
         the object is the smallest square centred on (0, 0) holding every window plus ``margin``.
         """
-        from ..recon.rpie import window_positions_from_stage
-
         return window_positions_from_stage(
             self.positions_m[:, 0] * 1e6, self.positions_m[:, 1] * 1e6,
             {"pixel_size_nm": self.geometry.pixel_size_nm}, frame_size=self.frames.shape[-1],
@@ -216,6 +223,8 @@ def write_cxi(path: str | Path, scan: PtychoScan, reconstruction: CXIReconstruct
         det.create_dataset("distance", data=float(g.detector_distance_m))
         det.create_dataset("x_pixel_size", data=float(g.detector_pixel_m))
         det.create_dataset("y_pixel_size", data=float(g.detector_pixel_m))
+        if scan.exposure_s is not None:
+            det.create_dataset("count_time", data=float(scan.exposure_s))
         src = f.create_group("entry_1/instrument_1/source_1")
         src.create_dataset("energy", data=float(g.energy_kev) * 1e3 * EV_J)
         probe = reconstruction.probe if reconstruction is not None and reconstruction.probe is not None else scan.probe
@@ -291,6 +300,7 @@ def read_cxi(path: str | Path) -> PtychoScan:
         energy_j = _positive_number(_required(f, ENERGY, path), ENERGY, path)
         probe = np.asarray(f[ILLUMINATION][()]) if ILLUMINATION in f else None
         uid = f[UID][()] if UID in f else None
+        exposure_s = _positive_number(f[COUNT_TIME][()], COUNT_TIME, path) if COUNT_TIME in f else None
     if frames.ndim != 3 or frames.dtype.kind not in "iuf" or 0 in frames.shape:
         raise ValueError(f"{path}: {data_path} must be a non-empty numeric (N, H, W) array, got "
                          f"{frames.dtype} of shape {frames.shape}")
@@ -307,7 +317,7 @@ def read_cxi(path: str | Path) -> PtychoScan:
         geometry = Geometry(energy_kev=energy_j / EV_J / 1e3, detector_distance_m=distance,
                             detector_pixel_m=x_pixel, frame_size=int(frames.shape[-1]))
         return PtychoScan(frames=frames, positions_m=translation[:, :2], geometry=geometry,
-                          probe=probe, uid=None if uid is None else str(uid))
+                          probe=probe, uid=None if uid is None else str(uid), exposure_s=exposure_s)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path} is not a usable CXI ptychography scan: {exc}") from exc
 
@@ -362,8 +372,6 @@ def load_siemens_star(path: str | Path, geometry: Geometry | None = None,
     probe = probe * np.sqrt(frames.sum(axis=(1, 2)).mean() / np.sum(np.abs(probe) ** 2))
     positions = scan - scan.min(axis=0) + margin
     geometry = geometry or Geometry(frame_size=frames.shape[-1])
-    from ..recon.rpie import object_shape_for_positions
-
     shape = object_shape_for_positions(positions, frames.shape[-1], margin)
     ptycho = PtychoScan.from_window_positions(frames, positions, geometry, shape,
                                               probe=probe.astype(np.complex64), uid="siemens-star-small")

@@ -17,26 +17,11 @@ and for training/deployment::
 
 from __future__ import annotations
 
-from .engines import (
-    ENGINE_KINDS,
-    InferenceEngine,
-    OnnxRuntimeEngine,
-    TensorRTEngine,
-    TorchEngine,
-    as_batch,
-    available_engines,
-    load_engine,
-    tensorrt_unavailable_reason,
-)
-from .errors import EngineUnavailable, InvalidModelError
-from .export import export_onnx, save_state_dict
-from .onnx_weights import (
-    OnnxGraphInfo,
-    inspect_onnx,
-    load_onnx_weights,
-    ptychonn2_from_onnx,
-    read_onnx,
-)
+import importlib
+from typing import Any
+
+# The preprocessing (numpy only) is imported here; the rest lazily (PEP 562), so that the edge
+# worker's input contract does not pull in torch, onnx or the engines.
 from .preprocess import (
     FRAME_SIZE,
     InvalidFrameError,
@@ -47,19 +32,39 @@ from .preprocess import (
     validate_frame,
     validate_frames,
 )
-from .ptychonn import (
-    FRAME_SHAPE,
-    MODEL_NAMES,
-    PTYCHONN2_N_PARAMETERS,
-    PTYCHONN2_ONNX_INITIALIZER_ELEMENTS,
-    PtychoNN,
-    PtychoNN2,
-    PtychoNNFast,
-    build_model,
-    count_parameters,
-    load_model,
-    phase_of,
-)
+
+_EXPORTS = {
+    "ENGINE_KINDS": "engines",
+    "EngineUnavailable": "errors",
+    "FRAME_SHAPE": "ptychonn",
+    "InferenceEngine": "engines",
+    "InvalidModelError": "errors",
+    "MODEL_NAMES": "ptychonn",
+    "OnnxGraphInfo": "onnx_weights",
+    "OnnxRuntimeEngine": "engines",
+    "PTYCHONN2_N_PARAMETERS": "ptychonn",
+    "PTYCHONN2_ONNX_INITIALIZER_ELEMENTS": "ptychonn",
+    "PtychoNN": "ptychonn",
+    "PtychoNN2": "ptychonn",
+    "PtychoNNFast": "ptychonn",
+    "TensorRTEngine": "tensorrt_engine",
+    "TorchEngine": "engines",
+    "as_batch": "engine_input",
+    "available_engines": "engines",
+    "build_model": "ptychonn",
+    "count_parameters": "ptychonn",
+    "export_onnx": "export",
+    "load_engine": "engines",
+    "load_model": "ptychonn",
+    "load_onnx_weights": "onnx_weights",
+    "onnx_graph_info": "onnx_weights",
+    "phase_of": "ptychonn",
+    "ptychonn2_from_onnx": "onnx_weights",
+    "read_onnx": "onnx_weights",
+    "save_state_dict": "export",
+    "tensorrt_unavailable_reason": "tensorrt_engine",
+}
+
 
 __all__ = [
     "ENGINE_KINDS",
@@ -87,10 +92,10 @@ __all__ = [
     "count_parameters",
     "export_onnx",
     "frame_problem",
-    "inspect_onnx",
     "load_engine",
     "load_model",
     "load_onnx_weights",
+    "onnx_graph_info",
     "phase_of",
     "preprocess",
     "ptychonn2_from_onnx",
@@ -100,3 +105,16 @@ __all__ = [
     "validate_frame",
     "validate_frames",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -20,6 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .engines import available_engines, load_engine
+from .export import export_onnx
+from .onnx_weights import onnx_graph_info, ptychonn2_from_onnx
+from .contract import InputContract
+from .ptychonn import count_parameters, load_model
+from .quantize import quantize_and_check
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["add_subcommand"]
@@ -68,13 +75,9 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .engines import available_engines
-    from .onnx_weights import inspect_onnx
-    from .ptychonn import count_parameters, load_model
-
     summary: dict[str, object] = {"model": str(args.model)}
     if args.model.suffix.lower() == ".onnx":
-        info = inspect_onnx(args.model)
+        info = onnx_graph_info(args.model)
         summary.update(
             opset=info.opset,
             producer=info.producer,
@@ -94,10 +97,6 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_onnx
-    from .onnx_weights import ptychonn2_from_onnx
-    from .ptychonn import load_model
-
     if args.source.suffix.lower() == ".onnx":
         model = ptychonn2_from_onnx(args.source)
     else:
@@ -122,13 +121,15 @@ def _load_frames(path: Path, key: str | None) -> np.ndarray:
     return np.load(path)
 
 
-def _infer(args: argparse.Namespace) -> int:
-    from .engines import load_engine
-    from .preprocess import preprocess
+def _network_input(frames: np.ndarray, args: argparse.Namespace) -> np.ndarray:
+    """The frames as network input, with the binning and count scale given on the command line."""
+    return InputContract(scale=args.scale, options={"reduce": args.reduce, "crop_to": args.crop_to}).prepare(frames)
 
+
+def _infer(args: argparse.Namespace) -> int:
     frames = _load_frames(args.frames, args.key)
     engine = load_engine(args.model, args.engine)
-    x = preprocess(frames, reduce=args.reduce, crop_to=args.crop_to, scale=args.scale)
+    x = _network_input(frames, args)
     phase = engine.infer(x)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.save(args.out, phase)
@@ -137,10 +138,7 @@ def _infer(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from .preprocess import preprocess
-    from .quantize import quantize_and_check
-
-    x = preprocess(_load_frames(args.frames, args.key), reduce=args.reduce, crop_to=args.crop_to, scale=args.scale)
+    x = _network_input(_load_frames(args.frames, args.key), args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         path, score = quantize_and_check(args.model, args.out, x)

@@ -14,6 +14,7 @@ coordinate_transformation_mode="half_pixel")``).
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 import tempfile
@@ -26,6 +27,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from .errors import InvalidModelError
 from .ptychonn import FRAME_SHAPE, count_parameters, phase_of
 
@@ -217,13 +219,8 @@ def save_state_dict(model: nn.Module, path: str | Path) -> Path:
         ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp_name)
-        os.replace(tmp_name, path)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write(path, buffer.getvalue())
     return path

@@ -1,7 +1,7 @@
 """Read ONNX graphs of PtychoNN networks and load their weights into the torch models.
 
 The paper's trained network is distributed only as ONNX (``ptychoNN_8.onnx``: opset 12,
-fixed batch 8).  :func:`inspect_onnx` summarises such a graph (inputs, convolutions,
+fixed batch 8).  :func:`onnx_graph_info` summarises such a graph (inputs, convolutions,
 ``Resize`` settings, op sequence); :func:`load_onnx_weights` copies the convolution weights
 into a torch network by graph order, checking every shape and the upsampling mode; and
 :func:`ptychonn2_from_onnx` builds a :class:`~edge_ptycho_bluesky.model.ptychonn.PtychoNN2`
@@ -28,8 +28,8 @@ __all__ = [
     "ConvSpec",
     "OnnxGraphInfo",
     "ResizeSpec",
-    "inspect_onnx",
     "load_onnx_weights",
+    "onnx_graph_info",
     "ptychonn2_from_onnx",
     "read_onnx",
 ]
@@ -68,7 +68,7 @@ class ResizeSpec:
 
 @dataclass(frozen=True)
 class OnnxGraphInfo:
-    """Summary of an ONNX graph, as :func:`inspect_onnx` reads it.
+    """Summary of an ONNX graph, as :func:`onnx_graph_info` reads it.
 
     Attributes
     ----------
@@ -149,7 +149,7 @@ def _attrs(node: onnx.NodeProto) -> dict[str, object]:
     return out
 
 
-def inspect_onnx(model: str | Path | onnx.ModelProto) -> OnnxGraphInfo:
+def onnx_graph_info(model: str | Path | onnx.ModelProto) -> OnnxGraphInfo:
     """Summarise an ONNX graph: I/O, convolutions, Resize settings, op sequence.
 
     Parameters
@@ -268,7 +268,7 @@ def load_onnx_weights(model: nn.Module, onnx_model: str | Path | onnx.ModelProto
         If the graph's convolutions or upsampling do not fit the network.
     """
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else read_onnx(onnx_model)
-    info = inspect_onnx(proto)
+    info = onnx_graph_info(proto)
     inits = _initializers(proto)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if len(convs) != len(info.convs):
@@ -319,7 +319,7 @@ def ptychonn2_from_onnx(onnx_model: str | Path | onnx.ModelProto) -> PtychoNN2:
         The network with the graph's weights, in eval mode, float32 on the CPU.
     """
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else read_onnx(onnx_model)
-    info = inspect_onnx(proto)
+    info = onnx_graph_info(proto)
     n_levels = info.ops.count("MaxPool")
     if n_levels < 1 or not info.convs:
         raise InvalidModelError("the graph has no MaxPool/Conv nodes: not a PtychoNN 2.0 graph")

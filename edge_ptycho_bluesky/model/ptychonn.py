@@ -37,6 +37,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import FRAME_SIZE
 from .errors import InvalidModelError
 
 __all__ = [
@@ -56,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Detector frame and phase patch shape the networks are built for, (rows, cols).
-FRAME_SHAPE: tuple[int, int] = (128, 128)
+FRAME_SHAPE: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)
 #: Trainable parameters of PtychoNN 2.0 with its default width (``nconv=16, n_levels=4``).
 PTYCHONN2_N_PARAMETERS: int = 733_921
 #: Elements of all initializers in the paper's ONNX file: the parameters plus the four

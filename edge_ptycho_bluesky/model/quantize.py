@@ -15,7 +15,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import onnx
 from numpy.typing import NDArray
+
+from .. import FRAME_SIZE
+from ..metrics import ssim
+from .engines import OnnxRuntimeEngine
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +56,12 @@ def quantize_int8(model: str | Path, out: str | Path, calibration: NDArray[np.fl
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     calibration = np.asarray(calibration, dtype=np.float32)
-    if calibration.ndim != 4 or calibration.shape[1:] != (1, 128, 128) or len(calibration) == 0:
-        raise ValueError(f"calibration must be (N, 1, 128, 128) network inputs, got {calibration.shape}")
+    if calibration.ndim != 4 or calibration.shape[1:] != (1, FRAME_SIZE, FRAME_SIZE) or len(calibration) == 0:
+        raise ValueError(
+            f"calibration must be (N, 1, {FRAME_SIZE}, {FRAME_SIZE}) network inputs, got {calibration.shape}"
+        )
     if not np.isfinite(calibration).all():
         raise ValueError("calibration frames contain NaN/inf")
-    import onnx
-
     input_name = onnx.load(str(model), load_external_data=False).graph.input[0].name
 
     class Frames(CalibrationDataReader):
@@ -88,8 +93,6 @@ def quantize_and_check(model: str | Path, out: str | Path,
     ValueError
         Fewer than 2 inputs (nothing would be left to check), or as :func:`quantize_int8`.
     """
-    from .engines import OnnxRuntimeEngine
-
     if len(inputs) < 2:
         raise ValueError(f"give at least 2 frames (half calibrate, half check), got {len(inputs)}")
     half = len(inputs) // 2
@@ -101,10 +104,8 @@ def quantize_and_check(model: str | Path, out: str | Path,
 
 def agreement(float_phase: NDArray[np.float32], int8_phase: NDArray[np.float32]) -> dict[str, float]:
     """Mean per-frame SSIM and the largest |difference| (rad) between two sets of phase patches."""
-    from ..metrics import ssim
-
-    a = np.asarray(float_phase, np.float32).reshape(-1, 128, 128)
-    b = np.asarray(int8_phase, np.float32).reshape(-1, 128, 128)
-    mask = np.ones((128, 128), bool)
+    a = np.asarray(float_phase, np.float32).reshape(-1, FRAME_SIZE, FRAME_SIZE)
+    b = np.asarray(int8_phase, np.float32).reshape(-1, FRAME_SIZE, FRAME_SIZE)
+    mask = np.ones((FRAME_SIZE, FRAME_SIZE), bool)
     scores = [float(ssim(x, y, mask, data_range=2 * np.pi)) for x, y in zip(a, b, strict=True)]
     return {"ssim": float(np.mean(scores)), "max_abs_rad": float(np.abs(a - b).max())}

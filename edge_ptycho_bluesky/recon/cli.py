@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Mapping
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from ..io.cxi import CXIReconstruction, PtychoScan, read_cxi, write_cxi
+from ..runs import read_scan
+from ..storage import StorageConfig, connect, get_run
+from .reconstruct import reconstruct_scan
+from .rpie_options import RPIEOptions
 
-__all__ = ["add_subcommand", "scan_from_run"]
+__all__ = ["add_subcommand"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,79 +46,14 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     parser.set_defaults(func=_run)
 
 
-def _geometry_from_mapping(geometry: Mapping[str, Any]) -> Any:
-    from ..sim.geometry import Geometry
-
-    known = {f.name for f in fields(Geometry)}
-    try:
-        return Geometry(**{k: v for k, v in geometry.items() if k in known})
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"the run's geometry {dict(geometry)!r} is not a sim.Geometry: {exc}") from exc
-
-
-def scan_from_run(run: Any) -> tuple[Any, float | None]:
-    """A stored raw ptychography run as a :class:`~edge_ptycho_bluesky.io.cxi.PtychoScan`.
-
-    Returns the scan (positions in metres from ``stage_x``/``stage_y``, the uid, the probe stored
-    in the start document if any) and the recorded beam diameter in nm (None when absent).
-    """
-    from ..io.cxi import PtychoScan
-    from .rpie import FRAMES_KEY, STAGE_X_KEY, STAGE_Y_KEY, _read_key
-
-    start = run.metadata["start"]
-    meta = start.get("edge_ptycho") if isinstance(start, Mapping) else None
-    if not isinstance(meta, Mapping) or "geometry" not in meta:
-        raise ValueError(f"run {start.get('uid')!r} has no start['edge_ptycho']['geometry']; it was not "
-                         "recorded by the edge_ptycho plans")
-    stream = run["primary"]
-    frames = _read_key(stream, str(meta.get("image_key", FRAMES_KEY)))
-    x = _read_key(stream, STAGE_X_KEY)
-    y = _read_key(stream, STAGE_Y_KEY)
-    probe = None
-    stored = meta.get("probe")
-    if isinstance(stored, Mapping):
-        probe = np.asarray(stored["real"]) + 1j * np.asarray(stored["imag"])
-    elif stored is not None and np.iscomplexobj(np.asarray(stored)):
-        probe = np.asarray(stored)
-    geometry = _geometry_from_mapping(meta["geometry"])
-    positions_m = np.column_stack([np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)]) * 1e-6
-    scan = PtychoScan(frames=frames, positions_m=positions_m, geometry=geometry, probe=probe,
-                      uid=str(start.get("uid")))
-    diameter = meta.get("beam_diameter_nm")
-    return scan, None if diameter is None else float(diameter)
-
-
-def _load_input(text: str) -> tuple[Any, float | None]:
-    from ..io.cxi import read_cxi
-
+def _load_input(text: str) -> PtychoScan:
     path = Path(text)
     if path.exists() or path.suffix.lower() in (".cxi", ".h5", ".hdf5"):
-        return read_cxi(path), None
-    from ..storage import StorageConfig, connect, get_run
-
-    client = connect(StorageConfig.from_env())
-    return scan_from_run(get_run(client, text))
-
-
-def reconstruct_scan(scan: Any, *, beam_diameter_nm: float | None = None, **rpie_kwargs: Any) -> Any:
-    """Run :func:`~edge_ptycho_bluesky.recon.rpie.rpie` on a PtychoScan; returns the RPIEResult.
-
-    The starting probe is ``scan.probe`` when present, else the zone-plate model of
-    ``beam_diameter_nm`` (when given), else the data-derived guess.
-    """
-    from .rpie import rpie
-
-    positions, shape = scan.to_window_positions()
-    pixel_nm = scan.geometry.pixel_size_nm
-    beam_px = None if beam_diameter_nm is None else beam_diameter_nm / pixel_nm
-    return rpie(scan.frames, positions, probe=scan.probe, object_shape=shape, pixel_size_nm=pixel_nm,
-                beam_diameter_px=beam_px if scan.probe is None else None, **rpie_kwargs)
+        return read_cxi(path)
+    return read_scan(get_run(connect(StorageConfig.from_env()), text))
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..io.cxi import CXIReconstruction, write_cxi
-    from .rpie import RPIEOptions
-
     if args.threads is not None:
         import torch
 
@@ -126,12 +62,11 @@ def _run(args: argparse.Namespace) -> int:
         options = RPIEOptions(iterations=args.iterations, alpha=args.alpha, batch_size=args.batch_size,
                               device=args.device, update_probe=not args.no_probe_update,
                               probe_modes=args.probe_modes, progress=not args.no_progress)
-        scan, diameter = _load_input(args.input)
+        scan = _load_input(args.input)
     except (ValueError, KeyError, FileNotFoundError) as exc:
         print(f"edge-ptycho recon: {exc}")
         return 2
-    if args.beam_diameter_nm is not None:
-        diameter = args.beam_diameter_nm
+    diameter = args.beam_diameter_nm if args.beam_diameter_nm is not None else scan.beam_diameter_nm
     source = "the input's illumination" if scan.probe is not None else (
         f"a modelled {diameter:.0f} nm zone-plate probe" if diameter else "the data-derived guess")
     print(f"reconstructing {len(scan)} frames of {scan.frames.shape[-1]} px from {args.input} "

@@ -39,8 +39,11 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from numpy.typing import ArrayLike, NDArray
 
+from .. import FRAME_SIZE
+from ..runs import read_array
+
 if TYPE_CHECKING:
-    from .rpie import RPIEResult
+    from .rpie_options import RPIEResult
 
 __all__ = [
     "LabelledScan",
@@ -199,7 +202,7 @@ def extract_labels(
     image: ArrayLike,
     positions: ArrayLike,
     *,
-    patch_size: int = 128,
+    patch_size: int = FRAME_SIZE,
     mask: ArrayLike | None = None,
     reference: str | float = "median",
 ) -> tuple[NDArray[np.float32], float]:
@@ -460,7 +463,6 @@ def find_labels(client: Any, original_run_uid: str) -> LabelledScan:
         When no ``rpie_labels`` run links to that uid.
     """
     from ..derived import find_derived_runs
-    from .rpie import _read_key
 
     runs = find_derived_runs(client, original_run_uid, LABELS_PURPOSE)
     if not runs:
@@ -468,5 +470,5 @@ def find_labels(client: Any, original_run_uid: str) -> LabelledScan:
                        "store its labels with store_labels() first")
     run = runs[-1]
     stream = run["primary"]
-    arrays = {key: _read_key(stream, key) for key in ("frames", "phases", "positions")}
+    arrays = {key: read_array(stream, key) for key in ("frames", "phases", "positions")}
     return LabelledScan.from_arrays(arrays, run.metadata["start"]["labels"])

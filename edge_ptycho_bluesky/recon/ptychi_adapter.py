@@ -54,15 +54,10 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
-from .rpie import (
-    ProgressCallback,
-    RPIEOptions,
-    RPIEResult,
-    check_inside,
-    initial_probe_from_frames,
-    object_shape_for_positions,
-    validate_scan,
-)
+from .positions import check_inside, object_shape_for_positions, validate_scan
+from .probe_init import initial_probe_from_frames, modelled_probe
+from .reconstructor import RPIEReconstructor
+from .rpie_options import ProgressCallback, RPIEOptions, RPIEResult
 
 __all__ = ["import_ptychi", "ptychi_available", "ptychi_rpie"]
 
@@ -213,7 +208,7 @@ def ptychi_rpie(
     the full per-frame updates of a mini-batch without normalising by their overlap, so with
     overlapping frames in one batch (batch 8 at overlap 0.9 here) it diverges; batch 1 is
     Maiden's sequential rPIE and converges. Without ``probe``, the start is
-    :func:`~edge_ptycho_bluesky.recon.rpie.modelled_probe` when ``beam_diameter_px`` is given.
+    :func:`~edge_ptycho_bluesky.recon.probe_init.modelled_probe` when ``beam_diameter_px`` is given.
     """
     if isinstance(ptychi_batch_size, bool) or not isinstance(ptychi_batch_size, int) or ptychi_batch_size < 1:
         raise ValueError(f"ptychi_batch_size must be an integer >= 1, got {ptychi_batch_size!r}")
@@ -231,8 +226,6 @@ def ptychi_rpie(
     check_inside(pos, object_shape, n)
     if probe is None:
         if beam_diameter_px is not None:
-            from .rpie import modelled_probe
-
             probe = modelled_probe(frames32, beam_diameter_px)
         else:
             probe = initial_probe_from_frames(frames32)
@@ -240,8 +233,6 @@ def ptychi_rpie(
     if probe_arr.ndim == 2:
         probe_arr = probe_arr[None]
     if probe_arr.shape[0] < opts.probe_modes:
-        from .rpie import RPIEReconstructor
-
         rec = RPIEReconstructor(object_shape, probe=probe_arr, options=opts.with_updates(device="cpu"))
         probe_arr = rec.probe  # padded with the same extra-mode recipe
     probe_arr = probe_arr[:opts.probe_modes]

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from .. import FRAME_SIZE
 from .geometry import Geometry
 
 #: Frames are simulated in chunks of this many to bound memory.
@@ -179,7 +180,7 @@ class SimulatedSample:
         return np.angle(self.transmission).astype(np.float32)
 
 
-def object_shape_for_scan(xy_um: NDArray[np.floating], pixel_size_nm: float, window: int = 128,
+def object_shape_for_scan(xy_um: NDArray[np.floating], pixel_size_nm: float, window: int = FRAME_SIZE,
                           margin: int = 8) -> tuple[int, int]:
     """Smallest square object (centred on stage 0, 0) that holds every probe window of a scan."""
     xy_um = np.asarray(xy_um, dtype=np.float64)

@@ -26,13 +26,14 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from .. import FRAME_SIZE
+from ..files import atomic_write
 from ..recon.labels import LabelledScan, concatenate, load_corpus, save_corpus
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "INDEX_NAME",
-    "PATCH_SIZE",
     "TrainingCorpus",
     "check_labelled_scan",
     "load_labelled_files",
@@ -40,8 +41,6 @@ __all__ = [
 
 #: Name of the file that lists a corpus directory's scans in order.
 INDEX_NAME = "index.json"
-#: Side of the frames and phase patches PtychoNN 2.0 is trained on.
-PATCH_SIZE = 128
 _INDEX_SCHEMA = 1
 _SAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -62,9 +61,9 @@ def check_labelled_scan(scan: object) -> LabelledScan:
             f"edge_ptycho_bluesky.recon.labels.labels_from_reconstruction() or LabelledScan(...)"
         )
     uid = scan.scan_uid
-    if scan.frames.shape[1:] != (PATCH_SIZE, PATCH_SIZE):
+    if scan.frames.shape[1:] != (FRAME_SIZE, FRAME_SIZE):
         raise ValueError(
-            f"scan {uid!r}: frames must be (N, {PATCH_SIZE}, {PATCH_SIZE}), got {scan.frames.shape}"
+            f"scan {uid!r}: frames must be (N, {FRAME_SIZE}, {FRAME_SIZE}), got {scan.frames.shape}"
         )
     if len(scan) == 0:
         raise ValueError(f"scan {uid!r} holds no frames")
@@ -226,9 +225,7 @@ class TrainingCorpus:
                 for s, f in zip(self._scans, self._files, strict=True)
             ],
         }
-        tmp = self.directory / f".{INDEX_NAME}.tmp"
-        tmp.write_text(json.dumps(index, indent=1), encoding="utf-8")
-        os.replace(tmp, self.directory / INDEX_NAME)
+        atomic_write(self.directory / INDEX_NAME, json.dumps(index, indent=1).encode("utf-8"))
 
     @classmethod
     def from_files(cls, paths: Sequence[str | os.PathLike[str]]) -> TrainingCorpus:

@@ -7,7 +7,7 @@ Run under ``torchrun`` (``python -m torch.distributed.run``)::
 
 or from Python with :func:`run_torchrun`, which does exactly that in a subprocess. Every process
 (rank) reads the whole corpus, builds the same model (same seed; DDP also broadcasts rank 0's
-weights), and trains with the loop of :func:`edge_ptycho_bluesky.training.trainer.fit`:
+weights), and trains with the loop of :func:`edge_ptycho_bluesky.training.loop.fit`:
 
 * the backend is ``gloo`` on the CPU and ``nccl`` on CUDA (one GPU per rank, ``LOCAL_RANK``);
 * each rank runs one torch thread (``torch.set_num_threads(1)``; torchrun sets
@@ -30,11 +30,12 @@ equality slightly; that is the only approximation.
 Rank 0 writes into ``--out``: ``model.pt`` (best-validation state dict, for
 ``torch.load(weights_only=True)``), ``result.json`` (:meth:`TrainResult.to_json_dict`) and the
 loss curves ``curves.png/.json/.csv``.
+
+The options of the entry point are defined in :mod:`edge_ptycho_bluesky.training.ddp_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -44,57 +45,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
-from .trainer import (
-    DistInfo,
-    TrainConfig,
-    TrainResult,
-    fit,
-    load_state_dict,
-    prepare_inputs,
-)
+from .config import DistInfo, TrainConfig, TrainResult
+from .corpus import TrainingCorpus
+from .ddp_cli import build_parser
+from .loop import fit, load_state_dict, prepare_inputs
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MODEL_FILE", "RESULT_FILE", "build_parser", "main", "run_torchrun"]
+__all__ = ["MODEL_FILE", "RESULT_FILE", "main", "run_torchrun"]
 
 #: Files rank 0 writes into ``--out``.
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.json"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """Command-line options of the DDP entry point."""
-    d = TrainConfig()
-    p = argparse.ArgumentParser(
-        prog="python -m edge_ptycho_bluesky.training.ddp",
-        description="Data-parallel PtychoNN training; run it under torchrun.",
-    )
-    p.add_argument("--corpus", nargs="+", type=Path, required=True, metavar="FILE",
-                   help="labelled scan files (edge_ptycho_bluesky.recon.labels)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR",
-                   help="output folder (model.pt, result.json, curves.*)")
-    p.add_argument("--model", default="ptychonn2", help="architecture (default: %(default)s)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, metavar="JSON",
-                   help='extra build_model arguments as JSON, e.g. \'{"nconv": 8}\'')
-    p.add_argument("--init", type=Path, default=None, metavar="FILE.pt",
-                   help="warm start from this state dict")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size")
-    p.add_argument("--lr-min", type=float, default=d.lr_min)
-    p.add_argument("--lr-max", type=float, default=d.lr_max)
-    p.add_argument("--half-cycle-epochs", type=float, default=d.half_cycle_epochs)
-    p.add_argument("--val-fraction", type=float, default=d.val_fraction)
-    p.add_argument("--seed", type=int, default=d.seed, help="weights seed")
-    p.add_argument("--split-seed", type=int, default=None,
-                   help="seed of the validation splits and batch order (default: --seed)")
-    p.add_argument("--count-scale", type=float, default=None, help="preprocess scale")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=d.amp,
-                   help="mixed precision on CUDA")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--log-level", default="INFO")
-    return p
 
 
 def _dist_info_from_env() -> DistInfo:
@@ -122,9 +86,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress=not args.no_progress,
     )
     from ..model import build_model
-    from .corpus import TrainingCorpus
-
-    import torch.distributed as dist
 
     if info.distributed:
         backend = "nccl" if config.device != "cpu" and torch.cuda.is_available() else "gloo"

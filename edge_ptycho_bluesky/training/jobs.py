@@ -12,13 +12,13 @@ It does, in order (the loop of Babu et al., Nat. Commun. 2023, Discussion):
 3. add them to the on-disk :class:`~edge_ptycho_bluesky.training.corpus.TrainingCorpus`;
 4. validate the deployed model of the :class:`~edge_ptycho_bluesky.training.registry.ModelRegistry`
    (its ONNX file, the artefact the edge worker serves) against the labels: stitched SSIM, the
-   figure :func:`~edge_ptycho_bluesky.training.trainer.evaluate_scan` reports;
+   figure :func:`~edge_ptycho_bluesky.training.evaluate.evaluate_scan` reports;
 5. ask the :class:`~edge_ptycho_bluesky.training.policy.RetrainPolicy` (its state travels in the
    request and comes back in the result, so the caller stays the owner of the schedule);
-6. on ``train``/``retrain``: warm-start a :class:`~edge_ptycho_bluesky.training.trainer.
+6. on ``train``/``retrain``: warm-start a :class:`~edge_ptycho_bluesky.training.continual.
    ContinualTrainer` from the deployed version, train one increment on the whole corpus
    (``nproc > 1``: torch DDP under torchrun), export and publish (and deploy) a new version,
-   which :class:`~edge_ptycho_bluesky.edge.worker.RegistryModelSource` swaps in.
+   which :class:`~edge_ptycho_bluesky.edge.model_source.RegistryModelSource` swaps in.
 
 Everything the job touches lives in paths of :class:`JobConfig` (registry, corpus, workdir) and
 the Tiled storage: on a cluster they must be on a shared file system (or the Tiled server URI must
@@ -27,7 +27,6 @@ be reachable from the workers).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -36,15 +35,22 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..storage import StorageConfig
-from .policy import RetrainPolicyConfig
-from .trainer import TrainConfig
+from ..model.contract import InputContract
+from ..recon.labels import LabelledScan
+from ..stitching import stitch
+from ..storage import StorageConfig, StorageError, connect, get_run
+from .config import TrainConfig
+from .continual import ContinualTrainer
+from .corpus import INDEX_NAME, TrainingCorpus
+from .labelling import label_run
+from .policy import Decision, RetrainPolicy, RetrainPolicyConfig
+from .registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +60,6 @@ __all__ = [
     "JobRequest",
     "JobResult",
     "STATUSES",
-    "label_run",
     "run_retraining_job",
     "validate_deployed",
 ]
@@ -276,8 +281,6 @@ _CLIENTS_LOCK = threading.Lock()
 
 def _client(storage: StorageConfig) -> Any:
     """A Tiled client for ``storage``, made once per process (connecting costs seconds)."""
-    from ..storage import connect
-
     key = (str(Path(storage.data_dir).expanduser().resolve()), storage.uri, storage.api_key)
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
@@ -293,22 +296,7 @@ def _forget_client(storage: StorageConfig) -> None:
         _CLIENTS.pop(key, None)
 
 
-def _local_dask() -> Any:
-    """Make Tiled's dask-backed array reads compute in this process.
-
-    Inside a Dask distributed worker, ``dask.compute`` would otherwise ship the read to the
-    cluster, and a Tiled client of an embedded (in-process) catalog cannot be pickled.
-    """
-    try:
-        import dask
-    except ImportError:  # pragma: no cover - tiled depends on dask
-        return contextlib.nullcontext()
-    return dask.config.set(scheduler="synchronous")
-
-
-def _open_corpus(directory: Path) -> Any:
-    from .corpus import INDEX_NAME, TrainingCorpus
-
+def _open_corpus(directory: Path) -> TrainingCorpus:
     if (directory / INDEX_NAME).is_file():
         return TrainingCorpus.open(directory)
     return TrainingCorpus(directory=directory)
@@ -323,10 +311,11 @@ def _clip(value: float | None, floor: float) -> float | None:
 def validate_deployed(mv: Any, scan: Any) -> float:
     """Stitched SSIM of a registry version's ONNX model against a labelled scan's phases.
 
-    The model runs in ONNX Runtime (the artefact the edge serves) on the frames preprocessed with
-    the version's recorded input scale (``manifest["extra"]["preprocess"]["scale"]``); the
-    predicted and label patches are stitched at the scan positions and compared over the covered
-    region with the labels' dynamic range, as :func:`~edge_ptycho_bluesky.training.trainer.
+    The model runs in ONNX Runtime (the artefact the edge serves) on the input its
+    :class:`~edge_ptycho_bluesky.model.contract.InputContract` prepares from the frames and the
+    scan's exposure (``scan.metadata["exposure_s"]``), exactly the input the edge worker gives it
+    live; the predicted and label patches are stitched at the scan positions and compared over the covered
+    region with the labels' dynamic range, as :func:`~edge_ptycho_bluesky.training.evaluate.
     evaluate_scan` does (so the value is comparable with the version's ``validation_ssim``).
 
     Parameters
@@ -343,12 +332,9 @@ def validate_deployed(mv: Any, scan: Any) -> float:
     """
     from ..metrics import ssim
     from ..model.engines import load_engine
-    from ..model.preprocess import preprocess
-    from ..stitching import stitch
 
-    scale = mv.input_scale
     engine = load_engine(mv.onnx_path, "onnxruntime", intra_op_threads=1)
-    pred = engine.infer(preprocess(scan.frames, scale=scale))
+    pred = engine.infer(InputContract.from_version(mv).prepare(scan.frames, scan.metadata.get("exposure_s")))
     labels = np.asarray(scan.phases, dtype=np.float32)
     span = float(labels.max() - labels.min())
     data_range = span if span > 0 else 2 * math.pi
@@ -356,19 +342,6 @@ def validate_deployed(mv: Any, scan: Any) -> float:
     label_img, cov = stitch(labels, positions)
     pred_img, _ = stitch(np.asarray(pred, dtype=np.float32), positions)
     return float(ssim(label_img, pred_img, cov > 0, data_range=data_range))
-
-
-def _read_frames(stream: Any, key: str) -> np.ndarray:
-    """``(N, H, W)`` frames of a Tiled stream node, whichever layout the writer used."""
-    for path in ((key,), ("data", key), ("internal", key)):
-        node = stream
-        try:
-            for part in path:
-                node = node[part]
-            return np.asarray(node.read())
-        except (KeyError, AttributeError, TypeError):
-            continue
-    raise KeyError(f"data key {key!r} not found in stream {stream!r}")
 
 
 def _published_by_this_job(mv: Any, request: JobRequest) -> dict[str, Any] | None:
@@ -393,67 +366,145 @@ def _undeployed_by_this_job(registry: Any, request: JobRequest) -> Any:
     return mine[-1] if mine else None
 
 
-def _stored_labels(client: Any, uid: str) -> Any:
-    """Labels of ``uid`` stored in Tiled (``recon.labels.find_labels``), or None."""
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass
+class _JobOutcome:
+    """What the job found and did, filled in step by step."""
+
+    decision: Decision
+    ssim: float | None = None
+    model_before: str | None = None
+    published: str | None = None
+    validation_ssim: float | None = None
+    deployed: bool = True
+
+
+def _load_labels(request: JobRequest, corpus: TrainingCorpus,
+                 timings: dict[str, float]) -> tuple[LabelledScan, str, float | None]:
+    """The scan's labelled frames, where they came from and rPIE's final error: from the corpus
+    when an earlier attempt put them there, else read from Tiled and labelled (stored labels or
+    rPIE), then added to the corpus."""
+    cfg = request.config
+    uid = request.scan_uid
+    rpie_error: float | None = None
+    if uid in corpus:
+        source = "corpus"
+        labelled = next(s for s in corpus if s.scan_uid == uid)
+        logger.info("scan %s is already in the corpus (an earlier attempt): reusing its labels", uid)
+        return labelled, source, rpie_error
     try:
-        from ..recon.labels import find_labels
-    except ImportError:  # an older recon package
-        return None
-    try:
-        return find_labels(client, uid)
+        client = _client(cfg.storage)
+        run = get_run(client, uid)
+        start_doc = run.metadata["start"]
+    except StorageError:
+        _forget_client(cfg.storage)
+        raise
     except KeyError:
-        return None
-
-
-def label_run(client: Any, run: Any, *, reuse_stored_labels: bool = True, rpie_iterations: int | None = None,
-              rpie_options: Mapping[str, Any] | None = None,
-              timings: dict[str, float] | None = None) -> tuple[Any, str]:
-    """The labelled scan (``recon.labels.LabelledScan``) of a stored raw run, and where it came from.
-
-    The labels stored in Tiled for the run (``recon.labels.store_labels``) when there are some and
-    ``reuse_stored_labels``, else rPIE of the run (``"rpie"``).  The scan's exposure
-    (``start["edge_ptycho"]["exposure_s"]``) goes into the labels' metadata, so that a model trained
-    on them records it and the edge worker can scale frames of other exposures to it.
-
-    Raises
-    ------
-    ValueError
-        When the run was not recorded by the edge_ptycho plans (no ``edge_ptycho`` metadata).
-    """
-    from ..recon.labels import labels_from_reconstruction
-    from ..recon.rpie import RPIEOptions, recon_from_run
-
-    timings = {} if timings is None else timings
-    start = run.metadata["start"]
-    uid = start["uid"]
-    meta = start.get("edge_ptycho")
-    if meta is None:
+        raise
+    except Exception as exc:  # connection dropped after connecting, ...
+        _forget_client(cfg.storage)
+        raise StorageError(f"cannot read run {uid} from Tiled ({cfg.storage!r}): "
+                           f"{type(exc).__name__}: {exc}") from exc
+    if "edge_ptycho" not in start_doc:
         raise ValueError(f"run {uid} has no edge_ptycho metadata: it was not recorded by the "
                          f"edge_ptycho plans and cannot be reconstructed")
-    with _local_dask():
-        labelled = _stored_labels(client, uid) if reuse_stored_labels else None
-        if labelled is not None:
-            source = "tiled"
-            logger.info("scan %s: using the labels stored in Tiled (no reconstruction)", uid)
+    try:
+        labelled, source = label_run(client, run, reuse_stored_labels=cfg.reuse_stored_labels,
+                                     rpie_iterations=cfg.rpie_iterations, rpie_options=cfg.rpie_options,
+                                     timings=timings)
+    except Exception:
+        _forget_client(cfg.storage)  # reconnect on the next attempt
+        raise
+    final = labelled.metadata.get("final_error")
+    rpie_error = None if final is None else float(final)
+    corpus.add(labelled)
+    return labelled, source, rpie_error
+
+
+def _labels_file(corpus: TrainingCorpus, uid: str) -> str | None:
+    """The corpus file holding the scan's labels."""
+    labels_file = None
+    for scan, path in zip(corpus.scans, corpus.files, strict=False):
+        if scan.scan_uid == uid:
+            labels_file = str(path)
+    return labels_file
+
+
+def _validate_or_replay(request: JobRequest, policy: RetrainPolicy, mv: Any, labelled: LabelledScan,
+                        timings: dict[str, float]) -> _JobOutcome:
+    """The policy's decision: replayed when an earlier attempt of this job published the deployed
+    version ``mv``, else from validating ``mv`` against the labels (no model deployed: train)."""
+    uid = request.scan_uid
+    earlier = _published_by_this_job(mv, request)
+    if earlier is not None:
+        # An earlier attempt of this job published ``mv`` and was lost before it reported (the
+        # worker died, the connection dropped): replay its decision instead of training again.
+        ssim_value = earlier.get("ssim")
+        if earlier.get("action") == "train" or ssim_value is None:
+            decision = policy.record_no_model(uid, now=request.now)
         else:
-            source = "rpie"
-            t = time.perf_counter()
-            frames = _read_frames(run["primary"], str(meta.get("image_key", "ptycho_det_image")))
-            timings["read"] = time.perf_counter() - t
-            kwargs: dict[str, Any] = {}
-            if rpie_iterations is not None:
-                kwargs["iterations"] = rpie_iterations
-            t = time.perf_counter()
-            result = recon_from_run(run, options=RPIEOptions.from_mapping(rpie_options) if rpie_options else None,
-                                    **kwargs)
-            timings["rpie"] = time.perf_counter() - t
-            t = time.perf_counter()
-            labelled = labels_from_reconstruction(result, frames, scan_uid=uid, metadata={"labelled_by": "rpie"})
-            timings["labels"] = time.perf_counter() - t
-    exposure = meta.get("exposure_s")
-    if isinstance(exposure, (int, float)) and "exposure_s" not in labelled.metadata:
-        labelled = replace(labelled, metadata={**labelled.metadata, "exposure_s": float(exposure)})
-    return labelled, source
+            decision = policy.record_validation(ssim_value, expected=earlier.get("expected"), scan_uid=uid,
+                                                now=request.now)
+        logger.warning("retraining job %s: attempt %d finds %s already published by an earlier attempt; "
+                       "not training again", request.job_id, request.attempt, mv.version)
+        return _JobOutcome(decision, ssim=ssim_value, model_before=mv.parent, published=mv.version,
+                           validation_ssim=mv.validation_ssim)
+    if mv is None:
+        return _JobOutcome(policy.record_no_model(uid, now=request.now))
+    t = time.perf_counter()
+    ssim_value = validate_deployed(mv, labelled)
+    timings["validate"] = time.perf_counter() - t
+    decision = policy.record_validation(max(-1.0, min(1.0, ssim_value)), expected=mv.validation_ssim,
+                                        scan_uid=uid, now=request.now)
+    return _JobOutcome(decision, ssim=ssim_value, model_before=mv.version)
+
+
+def _reuse_undeployed_version(request: JobRequest, registry: ModelRegistry, outcome: _JobOutcome) -> None:
+    """When training is due: report the version an earlier attempt published without deploying it
+    instead of training again."""
+    undeployed = (_undeployed_by_this_job(registry, request)
+                  if outcome.decision.needs_training and outcome.published is None else None)
+    if undeployed is not None:
+        outcome.published, outcome.validation_ssim = undeployed.version, undeployed.validation_ssim
+        outcome.deployed = False
+        logger.warning("retraining job %s: attempt %d finds %s published (not deployed) by an earlier attempt; "
+                       "not training again", request.job_id, request.attempt, undeployed.version)
+
+
+def _train_and_publish(request: JobRequest, corpus: TrainingCorpus, registry: ModelRegistry, mv: Any,
+                       labelled: LabelledScan, outcome: _JobOutcome, timings: dict[str, float]) -> None:
+    """Train one increment on the whole corpus (warm-started from ``mv``), measure it on the scan and
+    publish it; deploy it unless its SSIM falls more than ``max_ssim_drop`` below the deployed model's."""
+    cfg = request.config
+    uid = request.scan_uid
+    decision, ssim_value = outcome.decision, outcome.ssim
+    workdir = cfg.workdir / f"job_{request.job_id}_{request.attempt}"
+    trainer = ContinualTrainer(cfg.model_name, cfg.train, workdir, corpus=corpus,
+                               model_kwargs=cfg.model_kwargs)
+    if mv is not None:
+        trainer.warm_start_from_registry(registry)
+    t = time.perf_counter()
+    trainer.train(nproc=cfg.nproc)
+    timings["train"] = time.perf_counter() - t
+    t = time.perf_counter()
+    quality = trainer.evaluate(labelled)
+    outcome.validation_ssim = _clip(quality.stitched_ssim, cfg.ssim_floor)
+    outcome.deployed = ssim_value is None or quality.stitched_ssim >= ssim_value - cfg.max_ssim_drop
+    if not outcome.deployed:
+        logger.warning("retraining job %s: the new model's SSIM %.3f is more than %.3f below the deployed "
+                       "%s's %.3f on scan %s: publishing it without deploying", request.job_id,
+                       quality.stitched_ssim, cfg.max_ssim_drop, outcome.model_before, ssim_value, uid)
+    new = trainer.export_and_publish(
+        registry, validation_ssim=outcome.validation_ssim, deploy=outcome.deployed,
+        notes=f"retraining job {request.job_id}: {decision.action} after scan {uid}",
+        extra={"job_id": request.job_id, "trigger_scan": uid, "decision": decision.to_dict(),
+               "validation_scan": uid, "validation_held_out": False},
+    )
+    outcome.published = new.version
+    timings["publish"] = time.perf_counter() - t
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,10 +533,6 @@ def run_retraining_job(request: JobRequest) -> JobResult:
         configuration mismatch (e.g. the deployed model's input scale differs from
         ``config.train.count_scale``).
     """
-    from ..storage import StorageError, get_run
-    from .policy import RetrainPolicy
-    from .registry import ModelRegistry
-
     t_job = time.perf_counter()
     cfg = request.config
     uid = request.scan_uid
@@ -495,119 +542,29 @@ def run_retraining_job(request: JobRequest) -> JobResult:
                 uid, worker)
 
     corpus = _open_corpus(cfg.corpus_dir)
-    rpie_error: float | None = None
-    if uid in corpus:
-        source = "corpus"
-        labelled = next(s for s in corpus if s.scan_uid == uid)
-        logger.info("scan %s is already in the corpus (an earlier attempt): reusing its labels", uid)
-    else:
-        try:
-            client = _client(cfg.storage)
-            run = get_run(client, uid)
-            start_doc = run.metadata["start"]
-        except StorageError:
-            _forget_client(cfg.storage)
-            raise
-        except KeyError:
-            raise
-        except Exception as exc:  # connection dropped after connecting, ...
-            _forget_client(cfg.storage)
-            raise StorageError(f"cannot read run {uid} from Tiled ({cfg.storage!r}): "
-                               f"{type(exc).__name__}: {exc}") from exc
-        if "edge_ptycho" not in start_doc:
-            raise ValueError(f"run {uid} has no edge_ptycho metadata: it was not recorded by the "
-                             f"edge_ptycho plans and cannot be reconstructed")
-        try:
-            labelled, source = label_run(client, run, reuse_stored_labels=cfg.reuse_stored_labels,
-                                         rpie_iterations=cfg.rpie_iterations, rpie_options=cfg.rpie_options,
-                                         timings=timings)
-        except Exception:
-            _forget_client(cfg.storage)  # reconnect on the next attempt
-            raise
-        final = labelled.metadata.get("final_error")
-        rpie_error = None if final is None else float(final)
-        corpus.add(labelled)
-    labels_file = None
-    for scan, path in zip(corpus.scans, corpus.files, strict=False):
-        if scan.scan_uid == uid:
-            labels_file = str(path)
+    labelled, source, rpie_error = _load_labels(request, corpus, timings)
+    labels_file = _labels_file(corpus, uid)
 
     policy = RetrainPolicy(cfg.policy, clock=lambda: request.now)
     if request.policy_state is not None:
         policy.load_state_dict(request.policy_state)
     registry = ModelRegistry(cfg.registry_root)
     mv = registry.current(verify=True)
-    ssim_value: float | None = None
-    published: str | None = None
-    validation_ssim: float | None = None
-    deployed = True
-    earlier = _published_by_this_job(mv, request)
-    if earlier is not None:
-        # An earlier attempt of this job published ``mv`` and was lost before it reported (the
-        # worker died, the connection dropped): replay its decision instead of training again.
-        ssim_value = earlier.get("ssim")
-        if earlier.get("action") == "train" or ssim_value is None:
-            decision = policy.record_no_model(uid, now=request.now)
-        else:
-            decision = policy.record_validation(ssim_value, expected=earlier.get("expected"), scan_uid=uid,
-                                                now=request.now)
-        published, validation_ssim = mv.version, mv.validation_ssim
-        mv_before = mv.parent
-        logger.warning("retraining job %s: attempt %d finds %s already published by an earlier attempt; "
-                       "not training again", request.job_id, request.attempt, mv.version)
-    elif mv is None:
-        mv_before = None
-        decision = policy.record_no_model(uid, now=request.now)
-    else:
-        mv_before = mv.version
-        t = time.perf_counter()
-        ssim_value = validate_deployed(mv, labelled)
-        timings["validate"] = time.perf_counter() - t
-        decision = policy.record_validation(max(-1.0, min(1.0, ssim_value)), expected=mv.validation_ssim,
-                                            scan_uid=uid, now=request.now)
-
-    undeployed = _undeployed_by_this_job(registry, request) if decision.needs_training and published is None else None
-    if undeployed is not None:
-        published, validation_ssim, deployed = undeployed.version, undeployed.validation_ssim, False
-        logger.warning("retraining job %s: attempt %d finds %s published (not deployed) by an earlier attempt; "
-                       "not training again", request.job_id, request.attempt, undeployed.version)
-    if decision.needs_training and published is None:
-        from .trainer import ContinualTrainer
-
-        workdir = cfg.workdir / f"job_{request.job_id}_{request.attempt}"
-        trainer = ContinualTrainer(cfg.model_name, cfg.train, workdir, corpus=corpus,
-                                   model_kwargs=cfg.model_kwargs)
-        if mv is not None:
-            trainer.warm_start_from_registry(registry)
-        t = time.perf_counter()
-        trainer.train(nproc=cfg.nproc)
-        timings["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        quality = trainer.evaluate(labelled)
-        validation_ssim = _clip(quality.stitched_ssim, cfg.ssim_floor)
-        deployed = ssim_value is None or quality.stitched_ssim >= ssim_value - cfg.max_ssim_drop
-        if not deployed:
-            logger.warning("retraining job %s: the new model's SSIM %.3f is more than %.3f below the deployed "
-                           "%s's %.3f on scan %s: publishing it without deploying", request.job_id,
-                           quality.stitched_ssim, cfg.max_ssim_drop, mv_before, ssim_value, uid)
-        new = trainer.export_and_publish(
-            registry, validation_ssim=validation_ssim, deploy=deployed,
-            notes=f"retraining job {request.job_id}: {decision.action} after scan {uid}",
-            extra={"job_id": request.job_id, "trigger_scan": uid, "decision": decision.to_dict(),
-                   "validation_scan": uid, "validation_held_out": False},
-        )
-        published = new.version
-        timings["publish"] = time.perf_counter() - t
+    outcome = _validate_or_replay(request, policy, mv, labelled, timings)
+    _reuse_undeployed_version(request, registry, outcome)
+    if outcome.decision.needs_training and outcome.published is None:
+        _train_and_publish(request, corpus, registry, mv, labelled, outcome, timings)
     timings["total"] = time.perf_counter() - t_job
+    decision = outcome.decision
     result = JobResult(
         job_id=request.job_id, scan_uid=uid, attempt=request.attempt,
         status=_ACTION_STATUS[decision.action],  # type: ignore[arg-type]
-        decision=decision.to_dict(), policy_state=policy.state_dict(), ssim=ssim_value,
-        model_before=mv_before, published_version=published,
-        validation_ssim=validation_ssim, n_frames=len(labelled), corpus_scans=len(corpus),
+        decision=decision.to_dict(), policy_state=policy.state_dict(), ssim=outcome.ssim,
+        model_before=outcome.model_before, published_version=outcome.published,
+        validation_ssim=outcome.validation_ssim, n_frames=len(labelled), corpus_scans=len(corpus),
         corpus_frames=corpus.n_frames, labels_file=labels_file, labels_source=source,
-        rpie_final_error=rpie_error, timings=timings, worker=worker, deployed=deployed,
+        rpie_final_error=rpie_error, timings=timings, worker=worker, deployed=outcome.deployed,
     )
     logger.info("retraining job %s for scan %s: %s (%s)%s", request.job_id, uid, result.status,
-                result.reason, f"; published {published}" if published else "")
+                result.reason, f"; published {outcome.published}" if outcome.published else "")
     return result

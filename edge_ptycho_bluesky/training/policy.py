@@ -28,17 +28,18 @@ clock (``time.time``) ``next_check_at`` stays meaningful across restarts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from ..files import atomic_write
+from ..options import check_known_keys, is_real
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,6 @@ ACTIONS: tuple[str, ...] = ("train", "retrain", "suspend", "skip")
 #: Every value of :attr:`RetrainPolicy.mode`.
 MODES: tuple[str, ...] = ("untrained", "active", "suspended")
 _STATE_SCHEMA = 1
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -96,23 +93,23 @@ class RetrainPolicyConfig:
     min_ssim: float | None = None
 
     def __post_init__(self) -> None:
-        if not _is_real(self.tolerance) or not 0.0 <= self.tolerance < 1.0:
+        if not is_real(self.tolerance) or not 0.0 <= self.tolerance < 1.0:
             raise ValueError(
                 f"tolerance must be a relative SSIM drop in [0, 1), e.g. 0.10 for 10 %, "
                 f"got {self.tolerance!r}"
             )
-        if not _is_real(self.check_interval_s) or self.check_interval_s <= 0:
+        if not is_real(self.check_interval_s) or self.check_interval_s <= 0:
             raise ValueError(
                 f"check_interval_s must be a positive number of seconds (e.g. 3600.0 for once an "
                 f"hour), got {self.check_interval_s!r}"
             )
-        if not _is_real(self.backoff) or self.backoff < 1.0:
+        if not is_real(self.backoff) or self.backoff < 1.0:
             raise ValueError(
                 f"backoff must be >= 1 (1.0 keeps the interval fixed, 2.0 doubles it), "
                 f"got {self.backoff!r}"
             )
         if self.max_check_interval_s is not None and (
-            not _is_real(self.max_check_interval_s)
+            not is_real(self.max_check_interval_s)
             or self.max_check_interval_s < self.check_interval_s
         ):
             raise ValueError(
@@ -120,13 +117,13 @@ class RetrainPolicyConfig:
                 f"({self.check_interval_s!r}), got {self.max_check_interval_s!r}"
             )
         if self.baseline_ssim is not None and (
-            not _is_real(self.baseline_ssim) or not 0.0 < self.baseline_ssim <= 1.0
+            not is_real(self.baseline_ssim) or not 0.0 < self.baseline_ssim <= 1.0
         ):
             raise ValueError(
                 f"baseline_ssim must be None or an SSIM in (0, 1], got {self.baseline_ssim!r}"
             )
         if self.min_ssim is not None and (
-            not _is_real(self.min_ssim) or not -1.0 <= self.min_ssim <= 1.0
+            not is_real(self.min_ssim) or not -1.0 <= self.min_ssim <= 1.0
         ):
             raise ValueError(f"min_ssim must be None or an SSIM in [-1, 1], got {self.min_ssim!r}")
 
@@ -143,12 +140,7 @@ class RetrainPolicyConfig:
         ValueError
             For unknown keys or bad values.
         """
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown RetrainPolicyConfig keys {unknown}; valid keys are {sorted(known)}"
-            )
+        check_known_keys("RetrainPolicyConfig", data, (f.name for f in fields(cls)))
         return cls(**data)
 
 
@@ -203,10 +195,7 @@ class Decision:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Decision:
         """Inverse of :meth:`to_dict`; unknown keys are refused."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown Decision keys {unknown}; valid keys are {sorted(known)}")
+        check_known_keys("Decision", data, (f.name for f in fields(cls)))
         return cls(**data)
 
 
@@ -286,7 +275,7 @@ class RetrainPolicy:
 
     def _now(self, now: float | None) -> float:
         t = self._clock() if now is None else now
-        if not _is_real(t):
+        if not is_real(t):
             raise ValueError(f"the clock must give a finite number of seconds, got {t!r}")
         return float(t)
 
@@ -562,11 +551,11 @@ class RetrainPolicy:
         if mode not in MODES:
             raise ValueError(f"state has mode {mode!r}; expected one of {MODES}")
         interval = state.get("interval_s")
-        if not _is_real(interval) or interval <= 0:
+        if not is_real(interval) or interval <= 0:
             raise ValueError(f"state has a bad interval_s {interval!r}")
         next_check = state.get("next_check_at")
         if mode == "suspended":
-            if not _is_real(next_check):
+            if not is_real(next_check):
                 raise ValueError(
                     f"suspended state needs a numeric next_check_at, got {next_check!r}"
                 )
@@ -620,18 +609,7 @@ class RetrainPolicy:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the state to ``path`` atomically (temp file, fsync, ``os.replace``)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "x", encoding="utf-8") as f:
-                f.write(self.to_json() + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-            raise
+        atomic_write(path, (self.to_json() + "\n").encode("utf-8"))
 
     @classmethod
     def load(

@@ -9,7 +9,7 @@
 # `edge.status()` reads the worker's status; `edge.stitch.results[uid]` holds a run's stitch;
 # Fly scans: RE(spiral_ptycho_flyscan(fly_det, stage.x, stage.y, step=0.05, num_points=963, rate=2000)).
 # `edge.replay(uid)` re-infers a stored scan with the current model (stored beside the old one).
-from edge_ptycho_bluesky.edge.session import start_edge_session
+from edge_ptycho_bluesky.callbacks.session import start_edge_session
 
 edge = start_edge_session(RE, catalog, storage)
 if edge is not None:  # fly scans (spiral_ptycho_flyscan with fly_det) stream straight to the worker

@@ -1,0 +1,27 @@
+"""``edge-ptycho demo``: the whole workflow on the simulated beamline (:mod:`edge_ptycho_bluesky.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .demo import DemoConfig, run_demo
+
+__all__ = ["add_subcommand"]
+
+
+def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register ``edge-ptycho demo --out DIR [--quick] [--data-dir DIR]``."""
+    parser = subparsers.add_parser("demo", help="run the whole workflow on the simulated beamline")
+    parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory (default: demo_out)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="embedded Tiled catalog directory (default: OUT/tiled)")
+    parser.add_argument("--quick", action="store_true", help="small scans (for tests)")
+    parser.set_defaults(func=lambda args: _main(args))
+
+
+def _main(args: argparse.Namespace) -> int:
+    summary = run_demo(DemoConfig(out=args.out, data_dir=args.data_dir, quick=args.quick))
+    print(json.dumps(summary, indent=2))
+    return 0

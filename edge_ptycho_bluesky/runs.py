@@ -1,0 +1,252 @@
+"""The run format: what a ptychography run records, and how a stored run becomes a scan.
+
+The plans write the scan's ptychography facts into the start document under the key
+:data:`META_KEY` (``"edge_ptycho"``): geometry, beam size, exposure, dose, overlap, the frames'
+data key, whether the scan is labelled, and for fly scans the channel its frames were streamed
+to. :class:`EdgePtychoMeta` is that record, typed; it is the only reader and writer of it.
+:func:`read_scan` is the only reader of a stored run's layout in Tiled: it turns a run into a
+:class:`~edge_ptycho_bluesky.io.cxi.PtychoScan` (frames, positions in metres, geometry, probe,
+exposure), downloading the frames once.
+
+Keys of the record (all optional but ``geometry`` for anything that reconstructs or stitches):
+
+============================  ====================================================================
+``geometry``                  :meth:`Geometry.as_dict <edge_ptycho_bluesky.sim.Geometry.as_dict>`
+                              (energy, detector distance and pixel, frame size, pixel size in nm)
+``step_um``, ``num_points``   the spiral's step (um) and number of points
+``detector``, ``image_key``   the detector and the data key of its frames
+``frame_shape``               ``[H, W]`` of the frames
+``exposure_s``                exposure time per frame (s)
+``beam_diameter_nm``          beam diameter (for the overlap ratio and a modelled starting probe)
+``photons_per_second``        flux; with the exposure: ``photons_per_point``, ``dose_photons_per_nm2``
+``overlap_ratio``             ``1 - step / beam diameter``
+``labelled``                  a source of rPIE training labels
+``mode``, ``frame_rate_hz``   ``"fly"`` and the frame rate for fly scans
+``streamed_to``               pvAccess channel the detector streamed its frames to (fly scans)
+``probe``                     complex probe, as an array or ``{"real": ..., "imag": ...}``
+============================  ====================================================================
+
+Keys this version does not know are kept as written (:attr:`EdgePtychoMeta.extra`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .io.cxi import PtychoScan
+from .sim.geometry import Geometry
+
+__all__ = ["DEFAULT_IMAGE_KEY", "META_KEY", "STAGE_X_KEY", "STAGE_Y_KEY", "EdgePtychoMeta", "RunFormatError",
+           "read_array", "read_scan"]
+
+logger = logging.getLogger(__name__)
+
+#: Key of the ptychography record in a run's start document.
+META_KEY = "edge_ptycho"
+#: Data key of the frames when the record does not name one (the simulated step detector's).
+DEFAULT_IMAGE_KEY = "ptycho_det_image"
+#: Data keys of the stage positions (micrometres) in the primary stream.
+STAGE_X_KEY = "stage_x"
+STAGE_Y_KEY = "stage_y"
+
+
+class RunFormatError(ValueError):
+    """A run lacks what this package needs from it (the message says what and how to get it)."""
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class EdgePtychoMeta:
+    """A run's ptychography record (the start document's ``edge_ptycho`` entry), typed."""
+
+    geometry: Mapping[str, Any] | None = None
+    step_um: float | None = None
+    num_points: int | None = None
+    detector: str | None = None
+    image_key: str | None = None
+    frame_shape: tuple[int, int] | None = None
+    exposure_s: float | None = None
+    beam_diameter_nm: float | None = None
+    photons_per_second: float | None = None
+    photons_per_point: float | None = None
+    dose_photons_per_nm2: float | None = None
+    overlap_ratio: float | None = None
+    labelled: bool = False
+    mode: str | None = None
+    frame_rate_hz: float | None = None
+    streamed_to: str | None = None
+    probe: Any = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # -- reading and writing the record -------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> EdgePtychoMeta:
+        """Parse a record; unknown keys go to :attr:`extra`. Raises RunFormatError on bad values."""
+        if not isinstance(record, Mapping):
+            raise RunFormatError(f"the {META_KEY} record must be a mapping, got {type(record).__name__}")
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in record.items() if k in known}
+        extra = {k: v for k, v in record.items() if k not in known}
+        try:
+            for key in ("step_um", "exposure_s", "beam_diameter_nm", "photons_per_second", "photons_per_point",
+                        "dose_photons_per_nm2", "overlap_ratio", "frame_rate_hz"):
+                if key in values:
+                    values[key] = _float(values[key])
+            if values.get("num_points") is not None:
+                values["num_points"] = int(values["num_points"])
+            if values.get("frame_shape") is not None:
+                values["frame_shape"] = tuple(int(n) for n in values["frame_shape"])
+            values["labelled"] = bool(values.get("labelled", False))
+        except (TypeError, ValueError) as exc:
+            raise RunFormatError(f"the {META_KEY} record has a bad value: {exc}") from exc
+        geometry = values.get("geometry")
+        if geometry is not None and not isinstance(geometry, Mapping):
+            raise RunFormatError(f"{META_KEY}.geometry must be a mapping, got {type(geometry).__name__}")
+        return cls(**values, extra=extra)
+
+    @classmethod
+    def from_start(cls, start: Mapping[str, Any], *, required: bool = True) -> EdgePtychoMeta | None:
+        """The record of a start document.
+
+        Without one: RunFormatError when ``required``, else None (a run of another plan).
+        """
+        record = start.get(META_KEY) if isinstance(start, Mapping) else None
+        if record is None:
+            if not required:
+                return None
+            uid = start.get("uid") if isinstance(start, Mapping) else None
+            raise RunFormatError(f"run {uid!r} has no {META_KEY} metadata: it was not recorded by the "
+                                 "edge_ptycho plans (spiral_ptycho_scan, spiral_ptycho_flyscan)")
+        return cls.from_dict(record)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as the plans write it: fields that are set, then :attr:`extra`."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "extra" or value is None:
+                continue
+            if f.name == "frame_shape":
+                value = list(value)
+            elif f.name == "geometry":
+                value = dict(value)
+            out[f.name] = value
+        out.update(self.extra)
+        return out
+
+    # -- derived facts --------------------------------------------------------------------------
+
+    @property
+    def frames_key(self) -> str:
+        """Data key of the frames: the recorded ``image_key``, else :data:`DEFAULT_IMAGE_KEY`."""
+        return self.image_key or DEFAULT_IMAGE_KEY
+
+    def require_geometry(self) -> Mapping[str, Any]:
+        """The geometry record, or RunFormatError saying how to record one."""
+        if not isinstance(self.geometry, Mapping):
+            raise RunFormatError(f"the run has no {META_KEY}.geometry (energy, detector distance and pixel): "
+                                 "record it with the edge_ptycho plans and a detector that reports it")
+        return self.geometry
+
+    def to_geometry(self, frame_size: int | None = None) -> Geometry:
+        """The recorded geometry as a :class:`~edge_ptycho_bluesky.sim.Geometry` (``frame_size``
+        from the frames when the record has none)."""
+        record = self.require_geometry()
+        known = {f.name for f in fields(Geometry)}
+        kwargs = {k: v for k, v in record.items() if k in known}
+        if frame_size is not None:
+            kwargs.setdefault("frame_size", int(frame_size))
+        try:
+            return Geometry(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise RunFormatError(f"the recorded geometry {dict(record)!r} is not usable: {exc}") from exc
+
+    @property
+    def pixel_size_nm(self) -> float:
+        """Object pixel size (nm): the recorded value, else derived from the geometry."""
+        record = self.require_geometry()
+        if record.get("pixel_size_nm") is not None:
+            return float(record["pixel_size_nm"])
+        return self.to_geometry().pixel_size_nm
+
+    def probe_array(self, frame_shape: tuple[int, ...] | None = None) -> NDArray[np.complex64] | None:
+        """The recorded complex probe ``(H, W)`` or ``(modes, H, W)``, or None.
+
+        A record that is not a complex probe, or whose shape does not match ``frame_shape``
+        (when given), is ignored with a warning: reconstruction then models its starting probe.
+        """
+        if self.probe is None:
+            return None
+        try:
+            stored = self.probe
+            if isinstance(stored, Mapping):
+                probe = np.asarray(stored["real"]) + 1j * np.asarray(stored["imag"])
+            else:
+                probe = np.asarray(stored)
+        except (KeyError, TypeError, ValueError) as exc:
+            logger.warning("ignoring the recorded probe: %s", exc)
+            return None
+        if not np.iscomplexobj(probe) or probe.ndim not in (2, 3):
+            logger.warning("ignoring the recorded probe: not a complex (H, W) or (modes, H, W) array")
+            return None
+        if frame_shape is not None and probe.shape[-2:] != tuple(frame_shape)[-2:]:
+            logger.warning("ignoring the recorded probe of shape %s (frames %s)", probe.shape, tuple(frame_shape))
+            return None
+        return probe.astype(np.complex64)
+
+
+# -- the Tiled layout ----------------------------------------------------------------------------
+
+
+def read_array(stream: Any, key: str) -> NDArray[Any]:
+    """An array of a Tiled stream node, whichever layout the writer used (``key``,
+    ``data/key`` or ``internal/key``). Raises KeyError naming the key when it is absent."""
+    for path in ((key,), ("data", key), ("internal", key)):
+        node = stream
+        try:
+            for part in path:
+                node = node[part]
+            return np.asarray(node.read())
+        except (KeyError, AttributeError, TypeError):
+            continue
+    raise KeyError(f"data key {key!r} not found in stream {stream!r}")
+
+
+def read_scan(run: Any) -> PtychoScan:
+    """A stored raw ptychography run (a Tiled BlueskyRun node) as a scan.
+
+    Frames ``primary/<image_key>`` (read once; ``(N, 1, H, W)`` is squeezed), positions from
+    ``stage_x``/``stage_y`` (um) as metres, the recorded geometry, probe (when it matches the
+    frames) and exposure, and the run's uid.
+
+    Raises
+    ------
+    RunFormatError
+        The run was not recorded by the edge_ptycho plans, or lacks the geometry.
+    KeyError
+        A data key is missing from the primary stream.
+    """
+    start = run.metadata["start"]
+    meta = EdgePtychoMeta.from_start(start)
+    assert meta is not None
+    meta.require_geometry()
+    stream = run["primary"]
+    frames = read_array(stream, meta.frames_key)
+    if frames.ndim == 4 and frames.shape[1] == 1:  # (N, 1, H, W) from some detectors
+        frames = frames[:, 0]
+    x_um = np.asarray(read_array(stream, STAGE_X_KEY), dtype=np.float64).reshape(-1)
+    y_um = np.asarray(read_array(stream, STAGE_Y_KEY), dtype=np.float64).reshape(-1)
+    return PtychoScan(frames=frames, positions_m=np.column_stack([x_um, y_um]) * 1e-6,
+                      geometry=meta.to_geometry(frame_size=frames.shape[-1]),
+                      probe=meta.probe_array(frames.shape), uid=str(start.get("uid")),
+                      exposure_s=meta.exposure_s, beam_diameter_nm=meta.beam_diameter_nm)
