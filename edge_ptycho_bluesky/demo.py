@@ -29,11 +29,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bluesky import RunEngine
 
+from edge_ptycho_bluesky.callbacks import ScanProgress
+from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
+from edge_ptycho_bluesky.callbacks.session import EdgeSession
+from edge_ptycho_bluesky.devices import make_simulated_beamline
+from edge_ptycho_bluesky.edge.process import WorkerChannels
+from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+from edge_ptycho_bluesky.edge.transport import loopback_env
 from edge_ptycho_bluesky.metrics import compare
+from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 from edge_ptycho_bluesky.recon.labels import labels_from_reconstruction, store_labels
 from edge_ptycho_bluesky.recon.reconstruct import reconstruct_scan
 from edge_ptycho_bluesky.runs import EdgePtychoMeta, read_scan
+from edge_ptycho_bluesky.stitching import stitch
+from edge_ptycho_bluesky.storage import (
+    StorageConfig,
+    connect,
+    get_run,
+    make_tiled_writer,
+    replay,
+)
+from edge_ptycho_bluesky.training.config import TrainConfig
+from edge_ptycho_bluesky.training.jobs import JobConfig
+from edge_ptycho_bluesky.training.policy import RetrainPolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +87,6 @@ class DemoConfig:
 
 def _scan(RE, beamline, config: DemoConfig, num_points: int, purpose: str) -> str:
     """A spiral scan; only training scans are marked ``labelled`` (they feed the retraining loop)."""
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 
     (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=config.step_um,
                                    num_points=num_points, exposure=config.exposure_s,
@@ -80,19 +99,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
-    from bluesky import RunEngine
-
-    from edge_ptycho_bluesky.callbacks import ScanProgress
-    from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.devices import make_simulated_beamline
-    from edge_ptycho_bluesky.edge.process import WorkerChannels
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
-    from edge_ptycho_bluesky.edge.transport import loopback_env
-    from edge_ptycho_bluesky.storage import StorageConfig, connect, get_run, make_tiled_writer, replay
-    from edge_ptycho_bluesky.training.jobs import JobConfig
-    from edge_ptycho_bluesky.training.policy import RetrainPolicyConfig
-    from edge_ptycho_bluesky.training.config import TrainConfig
 
     config.out.mkdir(parents=True, exist_ok=True)
     loopback_env()
@@ -272,7 +278,6 @@ def _reconstruct(run, sample, config: DemoConfig) -> _Reconstruction:
 
 def _stitch_on_object_grid(live, rec: _Reconstruction) -> np.ndarray:
     """The live patches stitched on the rPIE object grid (for a pixel-to-pixel comparison)."""
-    from edge_ptycho_bluesky.stitching import stitch
 
     positions = rec.result.positions[live.frame_indices]
     image, _ = stitch(live.patches, positions, shape=rec.result.object.shape)
@@ -297,8 +302,6 @@ def _plot_images(path: Path, images: list[np.ndarray], mask: np.ndarray, titles:
 
 def _plot_scans(path: Path, client, uids: list[str], frame: np.ndarray) -> None:
     import matplotlib.pyplot as plt
-
-    from edge_ptycho_bluesky.storage import get_run
 
     fig, axes = plt.subplots(1, len(uids) + 1, figsize=(5 * (len(uids) + 1), 4.5))
     for ax, uid in zip(axes, uids):

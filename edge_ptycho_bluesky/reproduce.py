@@ -52,11 +52,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from numpy.typing import NDArray
 
+from .metrics import compare, scanned_mask
+from .model import OnnxRuntimeEngine, export_onnx, ptychonn2_from_onnx
 from .model.contract import InputContract
+from .model.quantize import quantize_int8
 from .recon.labels import labels_from_reconstruction
+from .recon.rpie import rpie
+from .sim import dose_photons_per_nm2, fermat_spiral, make_sample, step_for_overlap
 from .stitching import stitch
+from .training.config import TrainConfig
+from .training.continual import ContinualTrainer
+from .training.evaluate import predict_phases
 
 logger = logging.getLogger(__name__)
 
@@ -137,15 +146,12 @@ class Scan:
         return self.sample.phase
 
     def mask(self) -> NDArray[np.bool_]:
-        from .metrics import scanned_mask
-
         return scanned_mask(self.positions, shape=self.truth.shape, method="hull")
 
 
 def simulate_scan(kind: str, n: int, step_um: float, seed: int, exposure_s: float = EXPOSURE_S) -> Scan:
     """``n`` frames of a Fermat-spiral scan of a ``kind`` sample ("train": etched features,
     "test": letters) at ``step_um``, ``exposure_s`` per frame (Poisson noise, seeded)."""
-    from .sim import fermat_spiral, make_sample
 
     sample = make_sample(kind, extent_um=step_um * np.sqrt(n) + 0.05, seed=seed, beam_diameter_nm=BEAM_UM * 1e3)
     xy = fermat_spiral(n, step_um)
@@ -159,8 +165,6 @@ def rpie_phase(scan: Scan, iterations: int) -> NDArray[np.float32]:
 
 
 def rpie_result(scan: Scan, iterations: int) -> Any:
-    from .recon.rpie import rpie
-
     return rpie(scan.frames, scan.positions, probe=scan.sample.probe, object_shape=scan.sample.transmission.shape,
                 iterations=iterations, pixel_size_nm=scan.sample.geometry.pixel_size_nm, update_probe=False, seed=0)
 
@@ -198,8 +202,6 @@ class Reproduction:
     def scores(self, figure: str, method: str, condition: str, truth: NDArray[np.floating],
                image: NDArray[np.floating], mask: NDArray[np.bool_], paper: float | None = None,
                with_pearson: bool = False) -> float:
-        from .metrics import compare
-
         ok = mask & np.isfinite(image)
         c = compare(truth, image, ok)
         self.row(figure, method, condition, "ssim", c["ssim"], paper)
@@ -210,7 +212,6 @@ class Reproduction:
     def ai_image(self, scan: Scan, *, input_scale: float = 1.0, model: Any = None,
                  count_scale: float | None = None) -> NDArray[np.float32]:
         """Stitched AI phase of a scan on its object grid (patches weighted by the probe amplitude)."""
-        from .training.evaluate import predict_phases
 
         model = self.trainer.model if model is None else model
         count_scale = self.trainer.count_scale if count_scale is None else count_scale
@@ -224,9 +225,6 @@ class Reproduction:
 
     # -- stages ---------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
-        import torch
-
-        from .sim import step_for_overlap
 
         c = self.config
         t_all = time.perf_counter()
@@ -264,8 +262,6 @@ class Reproduction:
 
     def fig5(self) -> None:
         """Continual learning: SSIM on a familiar and an unseen area as the corpus grows."""
-        from .training.config import TrainConfig
-        from .training.continual import ContinualTrainer
 
         c, t0 = self.config, time.perf_counter()
         config = TrainConfig(epochs=c.epochs, seed=c.seed, device="auto", num_threads=c.threads,
@@ -289,7 +285,6 @@ class Reproduction:
 
     def fig2_fig3(self) -> None:
         """AI vs rPIE vs truth at overlap 0.9 (fig2) and SSIM vs overlap with the dose (fig3)."""
-        from .sim import dose_photons_per_nm2, step_for_overlap
 
         c, t0 = self.config, time.perf_counter()
         sweep = []
@@ -348,7 +343,6 @@ class Reproduction:
 
     def supp3(self) -> None:
         """Models retrained on training data with 1/k of the counts, tested at the same dose."""
-        from .training.continual import ContinualTrainer
 
         c, t0 = self.config, time.perf_counter()
         panels = []
@@ -370,8 +364,6 @@ class Reproduction:
 
     def table2(self) -> None:
         """Inference time per frame per engine and batch (ONNX Runtime float32/int8 on this CPU)."""
-        from .model import OnnxRuntimeEngine, export_onnx
-        from .model.quantize import quantize_int8
 
         c, t0 = self.config, time.perf_counter()
         path = export_onnx(self.trainer.model.eval(), self.out / "training" / f"{c.model}.onnx")
@@ -380,8 +372,6 @@ class Reproduction:
         models = [(f"{c.model} float32", path, None), (f"{c.model} int8", int8, None)]
         paper_onnx = shared_data_dir() / "ptychoNN_8.onnx"
         if paper_onnx.is_file():  # the paper's network, dynamic batch, beside its Table 2 (RTX A6000)
-            from .model import ptychonn2_from_onnx
-
             paper = export_onnx(ptychonn2_from_onnx(paper_onnx), self.out / "training" / "ptychonn2_paper.onnx")
             models.append(("PtychoNN 2.0 (paper's weights) float32", paper, PAPER_TABLE2_US))
         table = []
@@ -403,8 +393,6 @@ class Reproduction:
 
     # -- output ---------------------------------------------------------------------------
     def write(self) -> None:
-        import torch
-
         c = self.config
         (self.out / "results.json").write_text(json.dumps(self.rows, indent=1))
         summary = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(c).items()},

@@ -21,6 +21,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_bench_writes_the_contract_records_for_stitching_and_a_stream(tmp_path):
     pytest.importorskip("pvaccess")
     proc = _run("--out", str(tmp_path), "--quick", "--only", "stitch,stream", "--rates", "200")

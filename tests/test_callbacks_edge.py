@@ -50,6 +50,7 @@ class EdgeChain:
         return stats
 
 
+@pytest.mark.slow
 def test_scan_is_inferred_stitched_stored_and_replayed(RE, beamline, tiled_client, storage_config, tmp_path):
     import matplotlib
     matplotlib.use("Agg")

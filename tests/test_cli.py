@@ -9,6 +9,7 @@ import pytest
 from edge_ptycho_bluesky.cli import main
 
 
+@pytest.mark.slow
 def test_demo_quick_writes_summary_and_pictures(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "out"), "--quick"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

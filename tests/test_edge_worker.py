@@ -523,6 +523,7 @@ def _bad_frames(pub: FramePublisher, start: int) -> dict[str, int]:
     return {"nan": 1, "bad_shape": 1, "bad_dtype": 1, "no_position": 1}
 
 
+@pytest.mark.slow
 def test_worker_subprocess_over_pvaccess(tmp_path: Path) -> None:
     """The real process (`python -m edge_ptycho_bluesky.edge.cli --registry`): pvAccess in
     and out, bad input, a hot swap between two streamed runs of frames, SIGINT."""
@@ -675,6 +676,7 @@ def _stop_consumer(proc: subprocess.Popen, timeout: float) -> tuple[str, bool]:
         return proc.communicate(timeout=30)[0] or "", False
 
 
+@pytest.mark.slow
 def test_real_pvapy_hpc_consumer_run(model2: Path) -> None:
     exe = shutil.which("pvapy-hpc-consumer", path=str(Path(sys.executable).parent))
     if exe is None:
@@ -708,6 +710,7 @@ def test_real_pvapy_hpc_consumer_run(model2: Path) -> None:
         assert "'nFramesInferred': 50" in output
 
 
+@pytest.mark.slow
 def test_real_pvapy_hpc_consumer_scales_out_with_n_consumers(model2: Path) -> None:
     """`pvapy-hpc-consumer --n-consumers 2 --distributor-updates 4`: each consumer serves its own
     output channel; together they infer every frame exactly once, in blocks of 4."""

@@ -70,6 +70,7 @@ def paper_model():
 # --- export -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_writes_a_checked_dynamic_batch_graph(exported, model):
     proto = onnx.load(str(exported))
     onnx.checker.check_model(proto, full_check=True)
@@ -276,6 +277,7 @@ def test_tensorrt_engine_builds_caches_and_agrees(exported, model, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_int8_quantization_calibrated_on_real_frames_agrees_with_float32(paper_model, tmp_path):
     """Static int8 (ONNX Runtime, QDQ) of the paper's weights: calibrated on 10 real frames, its
     phase on the other 10 agrees with float32 (measured mean SSIM 0.956, docs/benchmarks.md)."""
@@ -298,6 +300,7 @@ def test_int8_quantization_calibrated_on_real_frames_agrees_with_float32(paper_m
     assert not np.array_equal(ref, q)                                 # it really is another model
 
 
+@pytest.mark.slow
 def test_model_quantize_command(paper_model, tmp_path):
     from edge_ptycho_bluesky.cli import main
 

@@ -40,6 +40,7 @@ def fly_line(storage_config):
                                    fly_channel=_channel("fly"))
 
 
+@pytest.mark.slow
 def test_a_fly_scan_stores_every_frame_and_position_in_tiled(RE, fly_line, tiled_client, storage_config, docs):
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     names: list[str] = []
@@ -90,6 +91,7 @@ def test_a_fly_scan_stores_every_frame_and_position_in_tiled(RE, fly_line, tiled
     assert by_index[17].pos == pytest.approx((x[17], y[17]))
 
 
+@pytest.mark.slow
 def test_a_fly_scan_streams_straight_to_the_edge_worker_and_replays(RE, fly_line, tiled_client, storage_config,
                                                                     tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
@@ -188,6 +190,7 @@ def test_a_fly_scan_stopped_midway_keeps_every_published_frame_in_the_file(fly_l
     assert 30 <= len(recorder.ids) < 300 and stored == len(recorder.ids)
 
 
+@pytest.mark.slow
 def test_an_aborted_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
     """Paused mid-flight (Ctrl-C) and aborted: the detector stops, the run ends as aborted, and Tiled
     has every frame taken, with its position, though the last collect was long before."""
@@ -209,6 +212,7 @@ def test_an_aborted_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line
     _assert_tiled_has_every_taken_frame(tiled_client, docs, taken, 400)
 
 
+@pytest.mark.slow
 def test_a_failed_fly_scan_announces_every_written_frame_to_tiled(RE, fly_line, tiled_client, storage_config, docs):
     """The detector fails midway (here: stopped from outside): the run ends as failed, and Tiled has
     every frame taken before, with its position (the StreamDatums after the last collect too)."""

@@ -176,6 +176,7 @@ def test_nothing_deployed(scan_file, tmp_path, capsys):
     assert rc != 0 and "no model is deployed" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_infer_a_run_stored_in_tiled(RE, beamline, tiled_client, storage_config, tiny_registry, tmp_path,
                                      monkeypatch, capsys):
     """INPUT as a run uid: frames, stage positions and geometry come from the configured Tiled."""

@@ -310,6 +310,7 @@ def test_bin_and_crop_helpers():
         center_crop(odd, 8)
 
 
+@pytest.mark.slow
 def test_fast_variant_is_smaller_exports_to_onnx_and_matches_torch(tmp_path: Path) -> None:
     import onnxruntime as ort
 

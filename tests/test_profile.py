@@ -7,6 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+#: whole scans, subprocesses or training: not in the quick loop (pytest -m "not slow")
+pytestmark = pytest.mark.slow
+
 PROFILE = Path(__file__).resolve().parents[1] / "profile_collection"
 
 

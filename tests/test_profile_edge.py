@@ -22,6 +22,9 @@ from edge_ptycho_bluesky.storage import StorageConfig  # noqa: E402
 
 from .conftest import tiny_onnx  # noqa: E402
 
+#: whole scans, subprocesses or training: not in the quick loop (pytest -m "not slow")
+pytestmark = pytest.mark.slow
+
 PROFILE = Path(__file__).resolve().parents[1] / "profile_collection"
 EDGE_ENV = ("EDGE_PTYCHO_EDGE", "EDGE_PTYCHO_EDGE_WORKER", "EDGE_PTYCHO_REGISTRY",
             "EDGE_PTYCHO_EDGE_INPUT", "EDGE_PTYCHO_EDGE_OUTPUT", "EDGE_PTYCHO_EDGE_STATUS",

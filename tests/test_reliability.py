@@ -55,6 +55,7 @@ def _names(prefix: str) -> tuple[str, str, str]:
 # 2. the edge worker is killed mid-scan
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_restarted_resumes_and_replay_completes_the_image(
         RE, beamline, tiled_client, storage_config, tmp_path):
     registry = ModelRegistry(tmp_path / "registry")
@@ -109,6 +110,7 @@ def test_a_killed_worker_is_restarted_resumes_and_replay_completes_the_image(
     assert session.worker_stats.get("inferred", 0) >= 40   # the restarted worker's own count
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_dying_is_not_restarted_forever(tmp_path, caplog):
     from edge_ptycho_bluesky.edge.process import WorkerChannels, WorkerProcess
 
@@ -179,6 +181,7 @@ def test_publisher_restart_disconnect_and_unique_id_jumps_are_detected_and_recov
 # 4. Tiled faults (the server stopping mid-session is in test_storage.py)
 
 
+@pytest.mark.slow
 def test_a_key_revoked_mid_session_keeps_the_run_engine_running_and_the_run_backed_up(RE, beamline, tmp_path,
                                                                                         caplog):
     config = StorageConfig(data_dir=tmp_path)
@@ -206,6 +209,7 @@ def test_a_key_revoked_mid_session_keeps_the_run_engine_running_and_the_run_back
 # 7. security
 
 
+@pytest.mark.slow
 def test_the_tiled_server_refuses_requests_without_the_key_and_network_use_without_a_chosen_key(tmp_path):
     import httpx
 
@@ -225,6 +229,7 @@ def test_the_tiled_server_refuses_requests_without_the_key_and_network_use_witho
         assert with_key.status_code == 200
 
 
+@pytest.mark.slow
 def test_no_secret_is_logged(RE, beamline, tmp_path, caplog):
     caplog.set_level("DEBUG")
     secret = uuid.uuid4().hex  # Tiled wants a hex key
@@ -303,6 +308,7 @@ def _listening_sockets() -> list[tuple[str, str]]:
 
 
 @pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
+@pytest.mark.slow
 def test_servers_listen_on_loopback_only(tmp_path):
     inp, out, status = _names("bind")
     with TiledServer(tmp_path), FramePublisher(inp):

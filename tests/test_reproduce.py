@@ -15,6 +15,9 @@ import pytest
 
 from edge_ptycho_bluesky.reproduce import FIGURES, ROW_FIELDS, ReproduceConfig, run_reproduce
 
+#: whole scans, subprocesses or training: not in the quick loop (pytest -m "not slow")
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):

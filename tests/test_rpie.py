@@ -55,6 +55,7 @@ def default_recon(overlap: float, points: int, iterations: int = 40):
                 pixel_size_nm=sample.geometry.pixel_size_nm)
 
 
+@pytest.mark.slow
 def test_high_overlap_reconstruction_matches_the_truth():
     sample, _, frames, _ = scan(0.9, 150)
     result = default_recon(0.9, 150)
@@ -187,6 +188,7 @@ def test_divergence_is_rolled_back_and_reported(monkeypatch):
     assert rec.result().iterations == 2
 
 
+@pytest.mark.slow
 def test_reconstruction_of_a_stored_run_without_a_probe(RE, beamline, tiled_client, storage_config, tmp_path,
                                                        monkeypatch):
     from edge_ptycho_bluesky.plans import spiral_ptycho_scan

@@ -215,6 +215,7 @@ def test_validation_split_is_fresh_each_epoch(scan_b: LabelledScan) -> None:
     assert losses[0] != losses[2]
 
 
+@pytest.mark.slow
 def test_warm_start_continues_from_given_weights(
     tmp_path: Path, scan_a: LabelledScan, scan_b: LabelledScan
 ) -> None:
@@ -330,6 +331,7 @@ def test_evaluate_scan_reports_mae_and_ssim(scan_b: LabelledScan) -> None:
     assert ev.data_range == pytest.approx(float(scan_b.phases.max() - scan_b.phases.min()))
 
 
+@pytest.mark.slow
 def test_export_and_publish_matches_torch(tmp_path: Path, scan_b: LabelledScan) -> None:
     import onnxruntime as ort
 
@@ -396,6 +398,7 @@ def test_auto_count_scale_brings_the_brightest_pixel_to_about_100(tmp_path: Path
 # DDP
 
 
+@pytest.mark.slow
 def test_ddp_two_ranks_reach_the_single_process_loss(tmp_path: Path) -> None:
     """2 gloo ranks under torchrun against 1 process, same data, seed and global batch.
 
@@ -448,6 +451,7 @@ def test_mixed_precision_on_cuda(scan_b: LabelledScan) -> None:
 # CLI
 
 
+@pytest.mark.slow
 def test_cli_trains_on_a_stored_scan_by_uid(tmp_path: Path, RE, beamline, tiled_client, storage_config,
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
@@ -479,6 +483,7 @@ def test_cli_trains_on_a_stored_scan_by_uid(tmp_path: Path, RE, beamline, tiled_
     assert "no training data" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_trains_and_publishes(tmp_path: Path, scan_b: LabelledScan,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     from edge_ptycho_bluesky.recon.labels import save_corpus
