@@ -17,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +114,8 @@ def connect(config: StorageConfig | None = None):
     ------
     StorageError
         When the server cannot be reached or refuses the key; the message says how to fix it.
+        An unreachable server is retried first, for up to Tiled's retry limits (about 25-45 s by
+        default; see :func:`tiled_retries`).
     """
     from tiled.client import from_context, from_uri
     from tiled.client.context import Context
@@ -130,6 +134,52 @@ def connect(config: StorageConfig | None = None):
         return from_context(Context.from_app(app))
     except Exception as err:
         raise StorageError(f"cannot open the embedded Tiled catalog in {config.data_dir}: {err}") from err
+
+
+_RETRY_LOCK = threading.Lock()
+
+
+@contextmanager
+def tiled_retries(attempts: int | None = None, timeout_s: float | None = None) -> Iterator[None]:
+    """Bound, for the duration of the ``with`` block, how long Tiled clients retry a failing request.
+
+    The Tiled client retries a request that fails with a connection error or a 5xx response, with
+    exponential back-off, up to ``TILED_RETRY_ATTEMPTS`` attempts (default 10) within
+    ``TILED_RETRY_TIMEOUT`` seconds (default 45): against a server that is down, :func:`connect`,
+    a run's writes (before :func:`make_tiled_writer` backs the run up) and reads block for about
+    25-45 s before failing.  Use this where something else already retries (the retraining
+    service) or to fail fast; outside the block the previous limits apply again.
+
+    The limits belong to the Tiled client library and are process-wide: they apply to every Tiled
+    client of this process while the block runs (other threads included), not to other
+    processes (set the ``TILED_RETRY_ATTEMPTS`` / ``TILED_RETRY_TIMEOUT`` environment variables
+    before they start for those).
+
+    Parameters
+    ----------
+    attempts
+        Attempts per request, the first included (1: no retry); None keeps the current value.
+    timeout_s
+        Stop retrying once this many seconds have passed since the first attempt; None keeps
+        the current value.
+    """
+    from tiled.client import utils as tiled_utils
+
+    if attempts is not None and not attempts >= 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts!r}")
+    if timeout_s is not None and not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s!r}")
+    with _RETRY_LOCK:
+        saved = tiled_utils.TILED_RETRY_ATTEMPTS, tiled_utils.TILED_RETRY_TIMEOUT
+        if attempts is not None:
+            tiled_utils.TILED_RETRY_ATTEMPTS = int(attempts)
+        if timeout_s is not None:
+            tiled_utils.TILED_RETRY_TIMEOUT = float(timeout_s)
+    try:
+        yield
+    finally:
+        with _RETRY_LOCK:
+            tiled_utils.TILED_RETRY_ATTEMPTS, tiled_utils.TILED_RETRY_TIMEOUT = saved
 
 
 def make_tiled_writer(client, config: StorageConfig | None = None, batch_size: int | None = None):

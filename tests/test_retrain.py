@@ -19,7 +19,7 @@ import pytest
 from edge_ptycho_bluesky.callbacks.retrain import RetrainCallback
 from edge_ptycho_bluesky.executors import ExecutorUnavailable, make_executor
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan
-from edge_ptycho_bluesky.storage import StorageConfig, TiledServer, make_tiled_writer
+from edge_ptycho_bluesky.storage import StorageConfig, TiledServer, make_tiled_writer, tiled_retries
 from edge_ptycho_bluesky.training.config import TrainConfig
 from edge_ptycho_bluesky.training.jobs import JOB_PURPOSE, JobConfig, JobRequest, JobResult, run_retraining_job
 from edge_ptycho_bluesky.training.policy import RetrainPolicy, RetrainPolicyConfig
@@ -69,6 +69,7 @@ def writer(tiled_client, storage_config):
 # The loop on real executors
 
 
+@pytest.mark.slow
 def test_labelled_scan_retrains_deploys_and_worker_swaps_on_process_pool_and_dask(
         RE, beamline, tiled_client, storage_config, writer, tmp_path):
     """One RE(...) call; the same workflow on a process pool and on a Dask LocalCluster(2)."""
@@ -168,6 +169,7 @@ class FakeClock:
         return self.t
 
 
+@pytest.mark.slow
 def test_within_tolerance_suspends_skips_and_rechecks_after_the_interval(
         RE, beamline, tiled_client, storage_config, writer, tmp_path):
     from edge_ptycho_bluesky.derived import find_derived_runs
@@ -312,6 +314,7 @@ def test_a_job_failing_once_succeeds_on_retry(RE, beamline, storage_config, tmp_
     assert outcome.errors == ("attempt 1: OSError: scratch file system full",)
 
 
+@pytest.mark.slow
 def test_tiled_read_failure_is_retried_until_the_server_is_back(RE, beamline, tiled_client, storage_config,
                                                                  tmp_path):
     """The job reads through a Tiled server that is down; it comes back between retries."""
@@ -338,16 +341,19 @@ def test_tiled_read_failure_is_retried_until_the_server_is_back(RE, beamline, ti
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     RE.subscribe(cb)
     server = None
-    try:
-        (uid,) = RE(labelled_scan(beamline, n=8))
-        assert first_failure.wait(60)
-        server = TiledServer(storage_config.data_dir, port=port)
-        assert server.api_key == key
-        assert cb.wait_idle(180)
-    finally:
-        cb.close()
-        if server is not None:
-            server.stop()
+    # The service retries (0.2 s .. 1 s back-off): let each attempt's Tiled client give up after
+    # one retry within 1 s instead of retrying for Tiled's default ~25-45 s.
+    with tiled_retries(attempts=2, timeout_s=1.0):
+        try:
+            (uid,) = RE(labelled_scan(beamline, n=8))
+            assert first_failure.wait(60)
+            server = TiledServer(storage_config.data_dir, port=port)
+            assert server.api_key == key
+            assert cb.wait_idle(180)
+        finally:
+            cb.close()
+            if server is not None:
+                server.stop()
     (outcome,) = cb.outcomes
     assert outcome.status == "validated" and outcome.attempts >= 2, outcome
     assert all("StorageError" in e and f"127.0.0.1:{port}" in e for e in errors)
@@ -420,6 +426,7 @@ def _dies_on_first_attempt(request: JobRequest) -> JobResult:
     return _fake_result(request)
 
 
+@pytest.mark.slow
 def test_a_worker_process_that_dies_is_replaced_and_the_job_retried(RE, beamline, storage_config, tmp_path):
     cb = RetrainCallback(job_config(tmp_path, storage_config, NEVER_RETRAIN), "process",
                          job_fn=_dies_on_first_attempt, record_dir=tmp_path / "records", retry_delay_s=0.01)
@@ -502,6 +509,7 @@ def test_a_retry_after_a_lost_attempt_that_published_without_deploying_does_not_
     result = run_retraining_job(JobRequest("scan-1", cfg, now=20.0, job_id="job-2", attempt=2))
     assert "train" in result.timings and result.published_version == "v0003"
 
+@pytest.mark.slow
 def test_a_retrained_model_far_below_the_deployed_one_is_published_but_not_deployed(
         RE, beamline, tiled_client, storage_config, tmp_path):
     """The deployment gate (``max_ssim_drop``): here an impossible one, new SSIM >= deployed + 2."""

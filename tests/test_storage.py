@@ -11,7 +11,7 @@ import pytest
 from edge_ptycho_bluesky.devices import FRAME_DATASET
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 from edge_ptycho_bluesky.storage import StorageConfig, StorageError, TiledServer, connect, get_run, \
-    make_tiled_writer, replay, upload_backups
+    make_tiled_writer, replay, tiled_retries, upload_backups
 
 
 def scan(beamline, n=12, step=0.05):
@@ -68,10 +68,13 @@ def _unpack(page):
 
 
 def test_unreachable_server_gives_a_clear_error(tmp_path):
-    with pytest.raises(StorageError, match="cannot use the Tiled server at http://127.0.0.1:9"):
+    # One retry within 1 s instead of Tiled's default ~25-45 s of retrying: the error is the same.
+    with tiled_retries(attempts=2, timeout_s=1.0), \
+            pytest.raises(StorageError, match="cannot use the Tiled server at http://127.0.0.1:9"):
         connect(StorageConfig(data_dir=tmp_path, uri="http://127.0.0.1:9", api_key="secret-key"))
 
 
+@pytest.mark.slow
 def test_wrong_api_key_gives_a_clear_error(tmp_path):
     with TiledServer(tmp_path) as server:
         with pytest.raises(StorageError) as info:
@@ -104,6 +107,7 @@ def test_detector_failing_mid_scan_keeps_what_was_stored(RE, docs, beamline, til
         np.testing.assert_array_equal(frames, f[FRAME_DATASET][:5])
 
 
+@pytest.mark.slow
 def test_server_down_mid_session_backs_the_run_up_and_uploads_it_later(RE, beamline, tmp_path):
     config = StorageConfig(data_dir=tmp_path)
     beamline.det.write_dir = config.frames_dir
@@ -112,7 +116,9 @@ def test_server_down_mid_session_backs_the_run_up_and_uploads_it_later(RE, beaml
     RE.subscribe(make_tiled_writer(client, config))
     (first,) = RE(scan(beamline, n=6))
     server.stop()
-    (second,) = RE(scan(beamline, n=6))  # the RunEngine keeps running; Tiled is gone
+    # Writes to the stopped server fail after one retry instead of Tiled's ~25-45 s of retrying.
+    with tiled_retries(attempts=2, timeout_s=1.0):
+        (second,) = RE(scan(beamline, n=6))  # the RunEngine keeps running; Tiled is gone
     assert [p.name for p in config.backup_dir.glob("*.jsonl")], "the failed run was not backed up"
 
     with TiledServer(tmp_path) as again:
