@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import h5py
 import numpy as np
 import pytest
 
@@ -62,7 +63,7 @@ def test_a_scan_at_another_exposure_gets_the_same_network_input_on_every_path(tm
     from edge_ptycho_bluesky.edge.worker import EdgeWorker
     from edge_ptycho_bluesky.edge.worker_config import WorkerConfig
     from edge_ptycho_bluesky.io.cxi import PtychoScan
-    from edge_ptycho_bluesky.model.scan_inference import infer_scan, load_scan
+    from edge_ptycho_bluesky.cli import main
     from edge_ptycho_bluesky.recon.labels import LabelledScan
     from edge_ptycho_bluesky.sim import Geometry
     from edge_ptycho_bluesky.training.jobs import validate_deployed
@@ -97,8 +98,10 @@ def test_a_scan_at_another_exposure_gets_the_same_network_input_on_every_path(tm
     live = np.stack([p.phase for p in sorted(sink.patches, key=lambda p: p.unique_id)])
     np.testing.assert_allclose(live, expected, rtol=1e-6)
 
-    # offline: edge-ptycho infer on the scan's CXI file, which records its exposure
+    # offline: the edge-ptycho infer command on the scan's CXI file, which records its exposure
     scan = PtychoScan(frames=frames, positions_m=positions[:, ::-1] * 1e-8, geometry=Geometry(), exposure_s=exposure)
     path = scan.to_cxi(tmp_path / "scan.cxi")
-    result = infer_scan(load_scan(path), registry.root)
-    np.testing.assert_allclose(result.patches, expected, rtol=1e-6)
+    out = tmp_path / "inferred.cxi"
+    assert main(["infer", str(path), "--registry", str(registry.root), "--out", str(out)]) == 0
+    with h5py.File(out, "r") as f:
+        np.testing.assert_allclose(f["/entry_1/image_1/patches"][()], expected, rtol=1e-6)

@@ -8,15 +8,14 @@ and the result is exported and published into the model registry.
 
 Input scaling
 -------------
-The network sees exactly what the inference engines see: frames go through
-:func:`edge_ptycho_bluesky.model.preprocess` (128 x 128 float32 counts, no log, no
-normalisation) with ``scale=config.count_scale``. The network is not invariant to the count
+The network sees exactly what the inference engines see: frames become network input through the
+model's :class:`~edge_ptycho_bluesky.model.contract.InputContract` (128 x 128 float32 counts, no
+log, no normalisation, times ``config.count_scale``). The network is not invariant to the count
 level, so the scale a model was trained with is part of the model: :meth:`ContinualTrainer.
 export_and_publish` records it in the registry manifest as ``extra["preprocess"] =
-{"scale": ...}``, and the edge worker must run ``preprocess(frames, scale=...)`` with that value
-(multiplied by the exposure ratio ``t_train / t_frame``); the worker reads both from the manifest
-(``exposure_s`` is recorded when the training scans record it) and each frame's exposure from its
-``exposure_s`` attribute.
+{"scale": ...}``, with the training frames' exposure (``exposure_s``, when the training scans
+record it); the contract built from the manifest applies both wherever the model runs (the edge
+worker, validation, ``edge-ptycho infer``), scaling each frame by ``t_train / t_frame``.
 ``count_scale=None`` keeps raw counts, as the paper's edge code does. The default, ``"auto"``,
 picks the scale on the first increment so that the brightest training pixel is about
 :data:`AUTO_BRIGHTEST` (100; rounded to one significant figure), and a warm start from a registry
