@@ -14,6 +14,7 @@ COMMANDS = {
     "import-onnx": "edge_ptycho_bluesky.training.registry_cli",
     "registry": "edge_ptycho_bluesky.training.registry_cli",
     "train": "edge_ptycho_bluesky.training.cli",
+    "adapt": "edge_ptycho_bluesky.training.cli",
     "model": "edge_ptycho_bluesky.model.cli",
     "worker": "edge_ptycho_bluesky.edge.cli",
     "recon": "edge_ptycho_bluesky.recon.cli",

@@ -1,15 +1,21 @@
 """``edge-ptycho train``: train PtychoNN on labelled scans (files, or stored scans by uid) and
-publish the model into the registry."""
+publish the model into the registry; ``edge-ptycho adapt``: fine-tune the deployed model on a
+scan's own frames with the physics loss (:mod:`~edge_ptycho_bluesky.training.adapt`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
+from ..model.scan_inference import load_scan
 from ..storage import StorageError, connect
+from .adapt import HELD_OUT_FRACTION, adapt_scan
 from .config import TrainConfig
 from .continual import ContinualTrainer
 from .corpus import load_labelled_files
@@ -22,7 +28,7 @@ __all__ = ["add_subcommand"]
 
 
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register ``edge-ptycho train``."""
+    """Register ``edge-ptycho train`` and ``edge-ptycho adapt``."""
     p = subparsers.add_parser(
         "train",
         help="train PtychoNN on labelled scans and publish it into the model registry",
@@ -69,6 +75,25 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--no-deploy", action="store_true", help="publish without deploying")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_train)
+
+    a = subparsers.add_parser(
+        "adapt",
+        help="fine-tune the deployed model on a scan's own frames with the physics loss (no labels)",
+        description="Fine-tune the deployed model on the frames of INPUT with the Poisson deviance of their "
+        "counts under the predicted phase (no labels, no rPIE), within a time budget; publish the result, and "
+        "deploy it when its physics loss on held-out frames of INPUT is below the deployed model's. Prints "
+        "one JSON line: version, loss_before, loss_after, seconds, deployed (and more).",
+    )
+    a.add_argument("input", metavar="INPUT", help="CXI file, or the uid of a run in the configured Tiled")
+    add_registry_argument(a)
+    a.add_argument("--seconds", type=float, default=120.0, help="time budget (default: %(default)s s)")
+    a.add_argument("--epochs", type=int, default=50, help="at most this many epochs (default: %(default)s)")
+    a.add_argument("--probe", type=Path, default=None, metavar="FILE.npy",
+                   help="complex (N, N) probe, when INPUT records none (e.g. an rPIE reconstruction's)")
+    a.add_argument("--held-out", type=float, default=HELD_OUT_FRACTION, metavar="F",
+                   help="share of the frames held out for the deployment decision (default: %(default)s)")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=_cmd_adapt)
 
 
 def _count_scale_arg(text: str) -> float | str | None:
@@ -131,3 +156,17 @@ def _clip_ssim(value: float | None) -> float | None:
     if value is None:
         return None
     return float(min(1.0, max(value, 1e-6)))
+
+
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    try:
+        probe = None if args.probe is None else np.load(args.probe)
+        scan = load_scan(args.input).scan
+        result = adapt_scan(scan, args.registry, seconds=args.seconds, epochs=args.epochs, probe=probe,
+                            held_out_fraction=args.held_out, seed=args.seed)
+    except (ValueError, TypeError, KeyError, FileNotFoundError, RegistryError, StorageError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {msg}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_json_dict()))
+    return 0

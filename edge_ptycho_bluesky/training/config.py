@@ -15,7 +15,10 @@ from numpy.typing import NDArray
 
 from ..options import check_known_keys, is_real
 
-__all__ = ["DistInfo", "EpochRecord", "TrainConfig", "TrainResult"]
+__all__ = ["LOSSES", "DistInfo", "EpochRecord", "TrainConfig", "TrainResult"]
+
+#: Every value of :attr:`TrainConfig.loss`.
+LOSSES: tuple[str, ...] = ("mae", "mse", "physics", "mae+physics")
 
 
 def _is_int(value: object) -> bool:
@@ -55,10 +58,20 @@ class TrainConfig:
         from the warm-start version.
     progress : bool
         Show tqdm progress bars (epochs, and batches within an epoch).
-    loss : {"mae", "mse"}
-        Training loss: mean absolute error (the paper's) or mean squared error. On the simulated
-        scans of this project MAE sits for tens of epochs on the median-phase plateau, MSE leaves
-        it within a few (docs/benchmarks.md, "Training recipe").
+    loss : {"mae", "mse", "physics", "mae+physics"}
+        Training loss: mean absolute error (the paper's) or mean squared error against the label
+        phases (on the simulated scans of this project MAE sits for tens of epochs on the
+        median-phase plateau, MSE leaves it within a few: docs/benchmarks.md, "Training recipe");
+        ``"physics"``: the Poisson deviance of each frame's counts under the predicted phase
+        (:mod:`~edge_ptycho_bluesky.training.physics`; no labels needed: the "labels" only fix
+        each patch's constant phase offset, e.g. the starting model's own predictions), validated
+        by the same loss on the held-out frames; ``"mae+physics"``: MAE plus ``physics_weight`` x
+        the physics loss. The physics losses need the probe (``fit(..., probe=)``).
+    physics_weight : float
+        Weight of the physics term in ``"mae+physics"``.
+    time_budget_s : float or None
+        Stop training once this many seconds have passed (checked after every batch; the best
+        validated state so far is kept); None: run every epoch.
     loss_window : float or None
         Count only the pixels within a centred disk of this radius (a fraction of the patch side,
         e.g. 0.3) with a soft 2-pixel edge, in the loss and in the validation MAE: the beam's
@@ -85,6 +98,8 @@ class TrainConfig:
     loss: str = "mae"
     loss_window: float | None = None
     augment: bool = False
+    physics_weight: float = 1.0
+    time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -139,11 +154,24 @@ class TrainConfig:
                 f"number, got {self.count_scale!r}"
             )
 
-        if self.loss not in ("mae", "mse"):
-            raise ValueError(f"TrainConfig.loss must be 'mae' (the paper) or 'mse', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"TrainConfig.loss must be one of {LOSSES} ('mae': the paper's), got {self.loss!r}")
+        if self.uses_physics and self.augment:
+            raise ValueError("TrainConfig.augment turns frames and labels but not the probe: it cannot be "
+                             "used with a physics loss")
+        if not is_real(self.physics_weight) or self.physics_weight < 0:
+            raise ValueError(f"TrainConfig.physics_weight must be a number >= 0, got {self.physics_weight!r}")
+        if self.time_budget_s is not None and (not is_real(self.time_budget_s) or self.time_budget_s <= 0):
+            raise ValueError(f"TrainConfig.time_budget_s must be None or a positive number of seconds, "
+                             f"got {self.time_budget_s!r}")
         if self.loss_window is not None and (not is_real(self.loss_window) or not 0 < self.loss_window <= 1):
             raise ValueError(f"TrainConfig.loss_window must be None or a radius in (0, 1] as a fraction of the "
                              f"patch side (e.g. 0.3), got {self.loss_window!r}")
+
+    @property
+    def uses_physics(self) -> bool:
+        """Whether the loss needs the probe and the frames' counts."""
+        return "physics" in self.loss
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""

@@ -42,6 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..model.contract import InputContract
 from .config import DistInfo, EpochRecord, TrainConfig, TrainResult
 from .curves import save_curves
+from .physics import physics_loss
 
 logger = logging.getLogger(__name__)
 
@@ -271,6 +272,8 @@ class _FitPlan:
     device: torch.device
     use_amp: bool
     seed: int
+    probe: torch.Tensor | None
+    deadline: float | None
 
 
 def _plan_fit(
@@ -279,6 +282,7 @@ def _plan_fit(
     config: TrainConfig,
     dist_info: DistInfo,
     split_seed: int | None,
+    probe: ArrayLike | None = None,
 ) -> _FitPlan:
     """Check the data and the batch size against the world size; work out the epoch's sizes."""
     x = torch.as_tensor(inputs)
@@ -305,9 +309,24 @@ def _plan_fit(
     device = resolve_device(config.device, dist_info.local_rank)
     use_amp = config.amp and device.type == "cuda"
     seed = config.seed if split_seed is None else int(split_seed)
+    probe_t = None
+    if config.uses_physics:
+        if probe is None:
+            raise ValueError(f"TrainConfig.loss={config.loss!r} needs the probe: fit(..., probe=...) "
+                             "(physics.probe_for_inputs scales a probe to the inputs)")
+        p = np.asarray(probe)
+        if not np.iscomplexobj(p) or p.shape != tuple(x.shape[-2:]):
+            raise ValueError(f"the probe must be complex {tuple(x.shape[-2:])}, got {p.dtype} {p.shape}")
+        probe_t = torch.as_tensor(p.astype(np.complex64), device=device)
+    deadline = None if config.time_budget_s is None else time.monotonic() + float(config.time_budget_s)
     return _FitPlan(x=x, y=y, config=config, dist_info=dist_info, local_batch=local_batch,
                     n_train=n_train, n_val=n_val, steps_per_epoch=steps_per_epoch,
-                    step_size_up=step_size_up, device=device, use_amp=use_amp, seed=seed)
+                    step_size_up=step_size_up, device=device, use_amp=use_amp, seed=seed,
+                    probe=probe_t, deadline=deadline)
+
+
+def _past_deadline(plan: _FitPlan) -> bool:
+    return plan.deadline is not None and time.monotonic() > plan.deadline
 
 
 @dataclass(frozen=True)
@@ -320,7 +339,7 @@ class _Optimisation:
     scheduler: torch.optim.lr_scheduler.CyclicLR
     scaler: torch.amp.GradScaler
     window: torch.Tensor
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     forward: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -349,9 +368,17 @@ def _set_up_optimisation(model: nn.Module, plan: _FitPlan,
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
     window = loss_window(tuple(plan.y.shape[-2:]), config.loss_window, device)
 
-    def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        err = (pred - target).abs() if config.loss == "mae" else (pred - target) ** 2
+    def label_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        err = (pred - target) ** 2 if config.loss == "mse" else (pred - target).abs()
         return (err * window).sum() / (window.sum() * len(pred))
+
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``pred`` against the labels ``target``, and/or against the counts ``inputs``."""
+        if config.loss == "physics":  # the labels only fix each patch's phase offset
+            return physics_loss(pred, inputs, plan.probe, anchor=target)
+        if config.loss == "mae+physics":
+            return label_loss(pred, target) + config.physics_weight * physics_loss(pred, inputs, plan.probe)
+        return label_loss(pred, target)
 
     from ..model import phase_of
 
@@ -403,13 +430,15 @@ def _train_epoch(plan: _FitPlan, opt: _Optimisation, batches: list[torch.Tensor]
             xb, yb = dihedral(xb, yb, int(torch.randint(8, (1,), generator=aug_rng)))
         lrs.append(float(opt.optimizer.param_groups[0]["lr"]))
         opt.optimizer.zero_grad(set_to_none=True)
-        loss = opt.loss_fn(opt.forward(xb), yb)
+        loss = opt.loss_fn(opt.forward(xb), yb, xb)
         opt.scaler.scale(loss).backward()
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
         opt.scheduler.step()
         loss_sum += float(loss.detach()) * len(idx)
         seen += len(idx)
+        if not plan.dist_info.distributed and _past_deadline(plan):
+            break  # the time budget is spent: validate what there is
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return loss_sum, seen
@@ -417,7 +446,7 @@ def _train_epoch(plan: _FitPlan, opt: _Optimisation, batches: list[torch.Tensor]
 
 def _validate_epoch(plan: _FitPlan, opt: _Optimisation, val_idx: torch.Tensor) -> tuple[float, float]:
     """This rank's share of the validation split: summed windowed absolute error and the pixel
-    weight it was summed over."""
+    weight it was summed over (``"physics"``: the summed physics loss and the frames)."""
     world, rank = plan.dist_info.world_size, plan.dist_info.rank
     window = opt.window
     opt.net.eval()
@@ -426,6 +455,10 @@ def _validate_epoch(plan: _FitPlan, opt: _Optimisation, val_idx: torch.Tensor) -
         for idx in torch.split(val_idx[rank::world], max(plan.local_batch, 1)):
             xb = plan.x[idx].to(plan.device)
             yb = plan.y[idx].to(plan.device)
+            if plan.config.loss == "physics":
+                abs_sum += float(opt.loss_fn(opt.forward(xb), yb, xb)) * len(yb)
+                pix += len(yb)
+                continue
             abs_sum += float(((opt.forward(xb) - yb).abs() * window).sum(dtype=torch.float64))
             pix += float(window.sum()) * len(yb)
     return abs_sum, pix
@@ -443,6 +476,7 @@ def fit(
     curves_dir: str | os.PathLike[str] | None = None,
     description: str = "train",
     on_epoch: Callable[[EpochRecord], None] | None = None,
+    probe: ArrayLike | None = None,
 ) -> TrainResult:
     """Train ``model`` on preprocessed inputs and label phases; keep the best-validation state.
 
@@ -473,6 +507,9 @@ def fit(
         Label of the progress bar.
     on_epoch : callable, optional
         Called with each :class:`EpochRecord` (on every rank).
+    probe : (H, W) complex, optional
+        The probe in the units of ``inputs`` (:func:`~edge_ptycho_bluesky.training.physics.
+        probe_for_inputs`), needed by the physics losses (``config.loss``).
 
     Returns
     -------
@@ -484,7 +521,7 @@ def fit(
         Mismatched shapes, fewer than 2 samples, a batch size not divisible by the world size.
     """
     t_start = time.perf_counter()
-    plan = _plan_fit(inputs, labels, config, dist_info, split_seed)
+    plan = _plan_fit(inputs, labels, config, dist_info, split_seed, probe)
     device, world = plan.device, dist_info.world_size
     with _torch_threads(config.num_threads):
         opt = _set_up_optimisation(model, plan, initial_state)
@@ -530,9 +567,14 @@ def fit(
             )
             if on_epoch is not None:
                 on_epoch(record)
+            stop = _all_reduce_sum([float(_past_deadline(plan))], dist_info, device)[0]
+            if stop > 0:
+                logger.info("%s: time budget of %.0f s spent after epoch %d", description,
+                            config.time_budget_s, epoch)
+                break
         model.load_state_dict(best_state)
     n_train, n_val = plan.n_train, plan.n_val
-    total_trained = n_train * config.epochs
+    total_trained = n_train * len(history)  # fewer than config.epochs when the time budget ran out
     result = TrainResult(
         state_dict=best_state,
         best_val_loss=best_val,
@@ -554,8 +596,8 @@ def fit(
         result.curves.update(paths)
     logger.info(
         "%s: %d epochs on %d samples (+%d validation) in %.1f s, %.1f samples/s on %s x%d; "
-        "best validation MAE %.4f rad at epoch %d",
-        description, config.epochs, n_train, n_val, result.time_s, result.samples_per_s,
+        "best validation loss %.4f at epoch %d",
+        description, len(history), n_train, n_val, result.time_s, result.samples_per_s,
         device, world, best_val, best_epoch,
     )
     return result
