@@ -1,6 +1,6 @@
 """Continual training of PtychoNN 2.0 on simulated scans, judged on an unseen test scan.
 
-The experiment of issue 4 ("must show"), scaled to a CPU:
+The accuracy experiment (AI against rPIE on features never seen in training), scaled to a CPU:
 
 1. simulate ``--train-scans`` training scans (random etched features, Fermat spiral, 0.4 s
    exposures at 1e9 photons/s as in the paper's training data) and label them: rPIE
@@ -19,10 +19,10 @@ Run::
 
     .venv/bin/python benchmarks/bench_train.py              # full: minutes to tens of minutes
     .venv/bin/python benchmarks/bench_train.py --quick      # a smoke run, ~1-2 minutes
-    .venv/bin/python benchmarks/bench_train.py --accuracy   # the issue's accuracy claim (below)
+    .venv/bin/python benchmarks/bench_train.py --accuracy   # the accuracy target (below)
 
-``--accuracy`` measures the issue's claim (stitched AI phase of an unseen scan within SSIM 0.85
-of its rPIE reconstruction) under the issue's conditions: training scans at overlap 0.9 (step
+``--accuracy`` measures the accuracy target (stitched AI phase of an unseen scan within SSIM 0.85
+of its rPIE reconstruction) under these conditions: training scans at overlap 0.9 (step
 ``step_for_overlap(0.9, 0.8)`` = 46 nm) with 10 ms exposures, rPIE labels (known probe, 50
 iterations), one training increment on the whole corpus with the default recipe, then the unseen
 test scan (letters) at overlap 0.9. It also publishes the model into a registry and runs the
@@ -142,7 +142,7 @@ def save_triptych(path: Path, truth: np.ndarray, rpie_img: np.ndarray, ai: np.nd
 
 
 def accuracy(args: argparse.Namespace) -> int:
-    """The issue's accuracy claim: AI vs rPIE on an unseen scan (see the module notes)."""
+    """The accuracy target: AI vs rPIE on an unseen scan (see the module notes)."""
     from edge_ptycho_bluesky.io.cxi import PtychoScan
     from edge_ptycho_bluesky.model.scan_inference import LoadedScan, infer_scan
     from edge_ptycho_bluesky.training.registry import ModelRegistry
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
     p.add_argument("--json", type=Path, default=None, help="write the records (bench.json format) here")
     p.add_argument("--accuracy", action="store_true",
-                   help="the issue's accuracy claim: one increment, 10 ms, overlap 0.9 (see above)")
+                   help="the accuracy target: one increment, 10 ms, overlap 0.9 (see above)")
     p.add_argument("--cache", type=Path, default=None,
                    help="--accuracy: folder keeping the rPIE labels and test reference between runs")
     p.add_argument("--exposure-s", type=float, default=0.01, help="exposure of --accuracy scans")

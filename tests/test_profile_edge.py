@@ -142,7 +142,7 @@ def test_profile_starts_the_worker_and_stores_the_live_stitch(tmp_path):
 
 
 def test_a_labelled_scan_in_the_profile_retrains_and_the_worker_serves_the_new_model(tmp_path):
-    """Issue 6, driven only by RE(...) in the profile: labelled scan -> job in a process pool
+    """Continual learning driven only by RE(...) in the profile: labelled scan -> job in a process pool
     (rPIE, labels, validation of the deployed model, training) -> new version deployed -> the
     running worker swaps it in -> the next scan is inferred with it; the job is stored in Tiled."""
     data = tmp_path / "data"

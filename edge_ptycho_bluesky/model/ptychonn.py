@@ -245,7 +245,7 @@ class PtychoNNFast(nn.Module):
     """A cheaper PtychoNN 2.0 for CPU edges: binned input, fewer filters, batch norm.
 
     Same interface as :class:`PtychoNN2` (``(N, 1, 128, 128)`` intensities in, phase in radians
-    out), built to keep up with a 2 kHz detector on a few CPU cores (issue 7):
+    out), built to keep up with a 2 kHz detector on a few CPU cores:
 
     * the frame is averaged over ``bin_factor x bin_factor`` blocks first (64 x 64 for 2);
     * an encoder-decoder like PtychoNN 2.0's at that size, with ``nconv`` (8) filters at the
