@@ -28,7 +28,7 @@ from edge_ptycho_bluesky.model import build_model, export_onnx, load_model, save
 from edge_ptycho_bluesky.reproduce import BEAM_UM, simulate_scan
 from edge_ptycho_bluesky.sim import step_for_overlap
 from edge_ptycho_bluesky.stitching import stitch
-from edge_ptycho_bluesky.training.adapt import adapt_scan
+from edge_ptycho_bluesky.training.adapt import DEFAULT_CONFIG, adapt_scan
 from edge_ptycho_bluesky.training.evaluate import predict_phases
 from edge_ptycho_bluesky.training.loop import auto_count_scale
 from edge_ptycho_bluesky.training.registry import ModelRegistry
@@ -52,10 +52,17 @@ def main() -> int:
     parser.add_argument("--overlaps", default="0.9,0")
     parser.add_argument("--model", default="ptychonn2-fast", choices=("ptychonn2", "ptychonn2-fast"))
     parser.add_argument("--start", type=Path, default=None, help="state dict of the starting model (default: fresh)")
+    parser.add_argument("--lr-max", type=float, default=None, help="peak learning rate (default: adapt's)")
+    parser.add_argument("--consistency", type=float, default=None, help="overlap-consistency weight (default: adapt's)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None, help="write the records (bench.json format) here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    config = None
+    if args.lr_max is not None or args.consistency is not None:
+        config = DEFAULT_CONFIG.with_updates(**{k: v for k, v in (
+            ("lr_max", args.lr_max), ("lr_min", None if args.lr_max is None else args.lr_max / 5),
+            ("consistency_weight", args.consistency)) if v is not None})
     print(f"{'overlap':>7} {'frames':>6} {'SSIM before':>11} {'SSIM after':>10} {'loss before':>11} "
           f"{'loss after':>10} {'epochs':>6} {'s':>5}")
     for overlap in (float(o) for o in args.overlaps.split(",")):
@@ -73,7 +80,7 @@ def main() -> int:
             ptycho = PtychoScan(frames=scan.frames, positions_m=scan.xy_um * 1e-6, geometry=scan.sample.geometry,
                                 probe=scan.sample.probe, uid=f"letters-overlap-{overlap:g}", exposure_s=scan.exposure_s)
             t0 = time.perf_counter()
-            result = adapt_scan(ptycho, registry, seconds=args.seconds, epochs=args.epochs)
+            result = adapt_scan(ptycho, registry, seconds=args.seconds, epochs=args.epochs, config=config)
             seconds = time.perf_counter() - t0
             adapted = load_model(registry.get(result.version).torch_path, args.model)
         after = ai_ssim(adapted, scan, scale)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from edge_ptycho_bluesky.sim.forward import diffraction, photon_counts
-from edge_ptycho_bluesky.training.physics import expected_counts, physics_loss, probe_for_inputs
+from edge_ptycho_bluesky.training.physics import expected_counts, overlap_consistency, physics_loss, probe_for_inputs
 
 
 def small_case(n: int = 16, seed: int = 0):
@@ -61,3 +61,17 @@ def test_the_probe_is_scaled_to_the_frames_units() -> None:
         probe_for_inputs(probe, np.zeros_like(frames))
     with pytest.raises(ValueError, match="complex with the frames' shape"):
         probe_for_inputs(np.abs(probe), frames)
+
+
+def test_overlapping_predictions_agree_only_when_they_show_the_same_object() -> None:
+    rng = np.random.default_rng(4)
+    obj = torch.as_tensor(rng.uniform(-1, 1, (20, 20)))
+    corners = torch.tensor([[0.0, 0.0], [2.0, 3.0], [6.0, 10.0], [12.0, 12.0]])
+    crops = torch.stack([obj[int(r):int(r) + 8, int(c):int(c) + 8] for r, c in corners.tolist()])
+    weight = torch.ones((8, 8), dtype=torch.float64)
+    assert float(overlap_consistency(crops, corners, weight)) == pytest.approx(0.0, abs=1e-12)
+    wrong = crops.clone()
+    wrong[1] += 0.5  # an offset the counts cannot see: the overlap does
+    assert float(overlap_consistency(wrong, corners, weight)) > 0.01
+    x = (crops + 0.1 * torch.as_tensor(rng.standard_normal(crops.shape))).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: overlap_consistency(p, corners, weight), (x,), eps=1e-6, atol=1e-6)

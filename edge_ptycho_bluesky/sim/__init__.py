@@ -10,7 +10,7 @@ from numpy.typing import NDArray
 
 from .forward import SimulatedSample, diffraction, exit_waves, object_shape_for_scan, photon_counts
 from .geometry import Geometry
-from .phantoms import etched_features, letters, thickness_to_transmission
+from .phantoms import etched_features, letters, thickness_to_transmission, varied_features
 from .probe import beam_diameter_nm, zone_plate_probe
 from .scan import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route, step_for_overlap
 
@@ -18,7 +18,7 @@ __all__ = [
     "Geometry", "SimulatedSample", "beam_diameter_nm", "diffraction", "dose_photons_per_nm2",
     "etched_features", "exit_waves", "fermat_spiral", "letters", "make_sample", "object_shape_for_scan",
     "overlap_ratio", "paper_route", "photon_counts", "step_for_overlap", "thickness_to_transmission",
-    "zone_plate_probe",
+    "varied_features", "zone_plate_probe",
 ]
 
 
@@ -37,7 +37,9 @@ def make_sample(
     Parameters
     ----------
     kind
-        ``"train"`` (random etched features) or ``"test"`` (letters and shapes).
+        ``"train"`` (random etched features), ``"varied"`` (etched features, star sectors, gratings,
+        grainy patches, words in several fonts: :func:`varied_features`) or ``"test"`` (letters
+        and shapes).
     extent_um
         Largest |x| or |y| (um) of the beam centre the sample must allow.
     geometry, beam_diameter_nm, photons_per_second
@@ -45,13 +47,14 @@ def make_sample(
     seed
         Seed for the phantom.
     """
-    if kind not in ("train", "test"):
-        raise ValueError(f"kind must be 'train' or 'test', got {kind!r}")
+    if kind not in ("train", "varied", "test"):
+        raise ValueError(f"kind must be 'train', 'varied' or 'test', got {kind!r}")
     if not extent_um >= 0:
         raise ValueError(f"extent_um must be >= 0, got {extent_um!r}")
     probe = zone_plate_probe(geometry, beam_diameter_nm=beam_diameter_nm,
                              photons_per_second=photons_per_second)
     corners: NDArray[np.float64] = np.array([[extent_um, extent_um]])
     shape = object_shape_for_scan(corners, geometry.pixel_size_nm, geometry.frame_size)
-    thickness = (etched_features(shape, seed) if kind == "train" else letters(shape, text, seed))
+    thickness = {"train": lambda: etched_features(shape, seed), "varied": lambda: varied_features(shape, seed),
+                 "test": lambda: letters(shape, text, seed)}[kind]()
     return SimulatedSample(thickness_to_transmission(thickness, geometry), probe, geometry)

@@ -6,12 +6,15 @@ material with refractive-index decrement ``delta``; its transmission is ``exp(-i
 and grain), as real samples do: a flat noiseless background makes SSIM meaningless.
 
 * :func:`etched_features` - random rectangles, disks and lines (training samples).
+* :func:`varied_features` - etched features with Siemens-star sectors, line gratings, grainy
+  natural-image-like textures and words in several fonts (a diverse training corpus).
 * :func:`letters` - text and shapes never seen in training (test samples).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.font_manager import FontProperties
 from matplotlib.path import Path as MplPath
 from matplotlib.textpath import TextPath
 from numpy.typing import NDArray
@@ -99,6 +102,58 @@ def etched_features(
             along = np.abs((rows - r0) * np.sin(angle) + (cols - c0) * np.cos(angle))
             mask = (dist < width / 2) & (along < rng.uniform(10, 40))
         features = np.where(mask, np.maximum(features, height), features)
+    return _finish(features, rng, max_thickness_nm, texture)
+
+
+#: Words and font families :func:`varied_features` writes (never the test sample's text).
+_WORDS = ("beam", "zone", "lens", "wafer", "grain", "pixel", "spiral", "sample", "edge", "photon", "93", "2k")
+_FAMILIES = ("sans-serif", "serif", "monospace")
+
+
+def varied_features(
+    shape: tuple[int, int],
+    rng: np.random.Generator | int | None = None,
+    *,
+    max_thickness_nm: float = MAX_THICKNESS_DEFAULT_NM,
+    texture: float = 0.25,
+) -> NDArray[np.float64]:
+    """A diverse training sample: etched features, Siemens-star sectors, line gratings,
+    natural-image-like grainy patches and short words in several fonts, at random places and
+    heights.
+
+    Parameters and return value as :func:`etched_features`.
+    """
+    rng = np.random.default_rng(rng)
+    _check_shape(shape)
+    rows, cols = np.mgrid[: shape[0], : shape[1]]
+    features = etched_features(shape, rng, density=0.5, max_thickness_nm=1.0, texture=0.0)
+    area = shape[0] * shape[1]
+    for _ in range(max(1, area // 96**2)):
+        r0, c0 = rng.uniform(0, shape[0]), rng.uniform(0, shape[1])
+        height, kind = rng.uniform(0.3, 1.0), rng.integers(3)
+        if kind == 0:  # Siemens-star sector
+            radius, spokes = rng.uniform(15, 45), int(rng.integers(6, 20))
+            angle = np.arctan2(rows - r0, cols - c0)
+            mask = (np.hypot(rows - r0, cols - c0) < radius) & (np.cos(spokes * angle) > 0)
+        elif kind == 1:  # line grating
+            period, angle, half = rng.uniform(3, 12), rng.uniform(0, np.pi), rng.uniform(8, 30)
+            u = (rows - r0) * np.cos(angle) + (cols - c0) * np.sin(angle)
+            v = -(rows - r0) * np.sin(angle) + (cols - c0) * np.cos(angle)
+            mask = (np.abs(u) < half) & (np.abs(v) < half) & (np.mod(u, period) < period / 2)
+        else:  # grainy, natural-image-like patch
+            grain = _texture(shape, rng, rng.uniform(1.0, 4.0))
+            mask = (np.hypot(rows - r0, cols - c0) < rng.uniform(10, 35)) & (grain > rng.uniform(0.4, 0.6))
+        features = np.where(mask, np.maximum(features, height), features)
+    words = np.zeros(shape)
+    for _ in range(max(1, area // 128**2)):
+        size = rng.uniform(10, 28)
+        font = FontProperties(family=str(rng.choice(_FAMILIES)), weight=str(rng.choice(("normal", "bold"))))
+        word = str(rng.choice(_WORDS))
+        path = TextPath((rng.uniform(0, max(shape[1] - 3 * size, 1)), rng.uniform(0, shape[0] - size)), word,
+                        size=size, prop=font)
+        for polygon in path.to_polygons():
+            _toggle_inside(words, polygon)
+    features = np.where(words > 0, np.maximum(features, rng.uniform(0.4, 1.0)), features)
     return _finish(features, rng, max_thickness_nm, texture)
 
 

@@ -2,8 +2,9 @@
 
 The deployed network is trained further on the frames of one scan (a CXI file or a stored run)
 with the Poisson deviance of their counts under its predicted phase
-(:mod:`~edge_ptycho_bluesky.training.physics`): no labels, no rPIE. Each patch's constant phase
-offset, which the counts cannot tell, stays anchored to the starting model's own prediction. A
+(:mod:`~edge_ptycho_bluesky.training.physics`): no labels, no rPIE; where the frames' windows
+overlap, the predictions are asked to agree (the ptychographic constraint). Each patch's constant
+phase offset, which the counts cannot tell, stays anchored to the starting model's own prediction. A
 share of the scan's frames is held out; the adapted model is published into the registry, and
 deployed only when its physics loss on those held-out frames is lower than the deployed model's.
 """
@@ -35,12 +36,16 @@ from .physics import physics_loss, probe_for_inputs
 from .registry import ModelRegistry
 from .registry_checks import RegistryError
 
-__all__ = ["AdaptResult", "adapt_scan", "usable_frames"]
+__all__ = ["DEFAULT_CONFIG", "AdaptResult", "adapt_scan", "usable_frames"]
 
 logger = logging.getLogger(__name__)
 
 #: Share of a scan's frames held out for the deployment decision.
 HELD_OUT_FRACTION = 0.2
+#: The training settings of an adaptation (``loss``, ``epochs`` and the time budget are set per call):
+#: fine-tuning, so a learning rate 10x below training from scratch; overlapping predictions agree.
+DEFAULT_CONFIG = TrainConfig(batch_size=16, lr_min=1e-5, lr_max=5e-5, half_cycle_epochs=3, val_fraction=0.1,
+                             device="cpu", progress=False, consistency_weight=1.0)
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,8 @@ def adapt_scan(
     probe
         ``(N, N)`` complex probe instead of ``scan.probe`` (any units: it is scaled to the frames).
     config
-        Training settings (default: the physics loss, batches of 16, a 10x lower learning rate
-        than training from scratch); ``loss``, ``epochs`` and the time budget are set here.
+        Training settings (default :data:`DEFAULT_CONFIG`); ``loss``, ``epochs`` and the time
+        budget are set here.
     held_out_fraction
         Share of the frames kept out of training for the deployment decision.
 
@@ -159,6 +164,7 @@ def adapt_scan(
         logger.warning("adapt: %d of %d frames skipped (NaN/inf or no counts)", skipped, len(ok))
     contract = InputContract.from_version(mv)
     inputs = contract.prepare(np.asarray(scan.frames)[ok], scan.exposure_s)
+    corners = scan.to_window_positions()[0][ok]
     n = len(inputs)
     n_held = max(1, int(round(held_out_fraction * n)))
     if n - n_held < 4:
@@ -172,12 +178,12 @@ def adapt_scan(
     loss_before = _held_out_loss(model, inputs[held], probe_t)
     anchors = _predict(model, inputs[train]).numpy()
     budget = max(1.0, seconds - (time.perf_counter() - t0) - 5.0)  # leave time to export and publish
-    base = config or TrainConfig(batch_size=16, lr_min=1e-5, lr_max=5e-5, half_cycle_epochs=3, val_fraction=0.1,
-                                 device="cpu", progress=False)
+    base = config or DEFAULT_CONFIG
     cfg = base.with_updates(loss="physics", epochs=int(epochs), time_budget_s=budget,
                             count_scale=contract.scale, augment=False,
                             batch_size=min(base.batch_size, max(1, len(train) - 1)))
-    result = fit(model, inputs[train], anchors, cfg, probe=scaled_probe, description=f"adapt {mv.version}")
+    result = fit(model, inputs[train], anchors, cfg, probe=scaled_probe, positions=corners[train],
+                 description=f"adapt {mv.version}")
     loss_after = _held_out_loss(model, inputs[held], probe_t)
     better = loss_after < loss_before
     extra: dict[str, Any] = {

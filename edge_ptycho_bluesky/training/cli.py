@@ -49,6 +49,8 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
     p.add_argument("--model", default="ptychonn2", choices=("ptychonn2", "ptychonn2-fast"),
                    help="architecture (default: %(default)s; ptychonn2-fast: the CPU-sized variant)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--seconds", type=float, default=None,
+                   help="time budget: stop training after this many seconds (the best validated state is kept)")
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--loss", default=TrainConfig.loss, choices=("mae", "mse"),
                    help="training loss (default: %(default)s, the paper's)")
@@ -121,6 +123,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, device=args.device,
             num_threads=args.threads, count_scale=scale, progress=not args.no_progress, loss=args.loss,
             loss_window=args.loss_window, augment=args.augment, lr_min=args.lr_min, lr_max=args.lr_max,
+            time_budget_s=args.seconds,
         )
         with contextlib.ExitStack() as stack:
             workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory()))

@@ -69,6 +69,10 @@ class TrainConfig:
         the physics loss. The physics losses need the probe (``fit(..., probe=)``).
     physics_weight : float
         Weight of the physics term in ``"mae+physics"``.
+    consistency_weight : float
+        With a physics loss: weight of the agreement of overlapping predictions
+        (:func:`~edge_ptycho_bluesky.training.physics.overlap_consistency`; needs the frames'
+        window positions, ``fit(..., positions=)``); 0: off.
     time_budget_s : float or None
         Stop training once this many seconds have passed (checked after every batch; the best
         validated state so far is kept); None: run every epoch.
@@ -99,6 +103,7 @@ class TrainConfig:
     loss_window: float | None = None
     augment: bool = False
     physics_weight: float = 1.0
+    consistency_weight: float = 0.0
     time_budget_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -159,8 +164,9 @@ class TrainConfig:
         if self.uses_physics and self.augment:
             raise ValueError("TrainConfig.augment turns frames and labels but not the probe: it cannot be "
                              "used with a physics loss")
-        if not is_real(self.physics_weight) or self.physics_weight < 0:
-            raise ValueError(f"TrainConfig.physics_weight must be a number >= 0, got {self.physics_weight!r}")
+        for name in ("physics_weight", "consistency_weight"):
+            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be a number >= 0, got {getattr(self, name)!r}")
         if self.time_budget_s is not None and (not is_real(self.time_budget_s) or self.time_budget_s <= 0):
             raise ValueError(f"TrainConfig.time_budget_s must be None or a positive number of seconds, "
                              f"got {self.time_budget_s!r}")

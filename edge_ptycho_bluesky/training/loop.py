@@ -42,7 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from ..model.contract import InputContract
 from .config import DistInfo, EpochRecord, TrainConfig, TrainResult
 from .curves import save_curves
-from .physics import physics_loss
+from .physics import overlap_consistency, physics_loss
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +273,7 @@ class _FitPlan:
     use_amp: bool
     seed: int
     probe: torch.Tensor | None
+    positions: torch.Tensor | None
     deadline: float | None
 
 
@@ -283,6 +284,7 @@ def _plan_fit(
     dist_info: DistInfo,
     split_seed: int | None,
     probe: ArrayLike | None = None,
+    positions: ArrayLike | None = None,
 ) -> _FitPlan:
     """Check the data and the batch size against the world size; work out the epoch's sizes."""
     x = torch.as_tensor(inputs)
@@ -318,11 +320,18 @@ def _plan_fit(
         if not np.iscomplexobj(p) or p.shape != tuple(x.shape[-2:]):
             raise ValueError(f"the probe must be complex {tuple(x.shape[-2:])}, got {p.dtype} {p.shape}")
         probe_t = torch.as_tensor(p.astype(np.complex64), device=device)
+    positions_t = None
+    if config.uses_physics and config.consistency_weight > 0:
+        if positions is None:
+            raise ValueError("TrainConfig.consistency_weight needs the frames' window positions: fit(..., positions=)")
+        positions_t = torch.as_tensor(np.asarray(positions, dtype=np.float64))
+        if positions_t.shape != (len(x), 2):
+            raise ValueError(f"positions must be ({len(x)}, 2) window corners (row, col), got {tuple(positions_t.shape)}")
     deadline = None if config.time_budget_s is None else time.monotonic() + float(config.time_budget_s)
     return _FitPlan(x=x, y=y, config=config, dist_info=dist_info, local_batch=local_batch,
                     n_train=n_train, n_val=n_val, steps_per_epoch=steps_per_epoch,
                     step_size_up=step_size_up, device=device, use_amp=use_amp, seed=seed,
-                    probe=probe_t, deadline=deadline)
+                    probe=probe_t, positions=positions_t, deadline=deadline)
 
 
 def _past_deadline(plan: _FitPlan) -> bool:
@@ -339,7 +348,7 @@ class _Optimisation:
     scheduler: torch.optim.lr_scheduler.CyclicLR
     scaler: torch.amp.GradScaler
     window: torch.Tensor
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
     forward: Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -372,13 +381,21 @@ def _set_up_optimisation(model: nn.Module, plan: _FitPlan,
         err = (pred - target) ** 2 if config.loss == "mse" else (pred - target).abs()
         return (err * window).sum() / (window.sum() * len(pred))
 
-    def loss_fn(pred: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """``pred`` against the labels ``target``, and/or against the counts ``inputs``."""
+    intensity = None if plan.probe is None else plan.probe.abs() ** 2
+
+    def loss_fn(pred: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``pred`` against the labels ``target``, and/or against the counts ``inputs`` (and the
+        agreement of overlapping predictions, frames ``idx`` of the data)."""
+        if not config.uses_physics:
+            return label_loss(pred, target)
         if config.loss == "physics":  # the labels only fix each patch's phase offset
-            return physics_loss(pred, inputs, plan.probe, anchor=target)
-        if config.loss == "mae+physics":
-            return label_loss(pred, target) + config.physics_weight * physics_loss(pred, inputs, plan.probe)
-        return label_loss(pred, target)
+            loss = physics_loss(pred, inputs, plan.probe, anchor=target)
+        else:
+            loss = label_loss(pred, target) + config.physics_weight * physics_loss(pred, inputs, plan.probe)
+        if plan.positions is not None and len(idx) > 1:
+            corners = plan.positions[idx.cpu()].to(pred.device)
+            loss = loss + config.consistency_weight * overlap_consistency(pred, corners, intensity)
+        return loss
 
     from ..model import phase_of
 
@@ -430,7 +447,7 @@ def _train_epoch(plan: _FitPlan, opt: _Optimisation, batches: list[torch.Tensor]
             xb, yb = dihedral(xb, yb, int(torch.randint(8, (1,), generator=aug_rng)))
         lrs.append(float(opt.optimizer.param_groups[0]["lr"]))
         opt.optimizer.zero_grad(set_to_none=True)
-        loss = opt.loss_fn(opt.forward(xb), yb, xb)
+        loss = opt.loss_fn(opt.forward(xb), yb, xb, idx)
         opt.scaler.scale(loss).backward()
         opt.scaler.step(opt.optimizer)
         opt.scaler.update()
@@ -456,7 +473,7 @@ def _validate_epoch(plan: _FitPlan, opt: _Optimisation, val_idx: torch.Tensor) -
             xb = plan.x[idx].to(plan.device)
             yb = plan.y[idx].to(plan.device)
             if plan.config.loss == "physics":
-                abs_sum += float(opt.loss_fn(opt.forward(xb), yb, xb)) * len(yb)
+                abs_sum += float(opt.loss_fn(opt.forward(xb), yb, xb, idx)) * len(yb)
                 pix += len(yb)
                 continue
             abs_sum += float(((opt.forward(xb) - yb).abs() * window).sum(dtype=torch.float64))
@@ -477,6 +494,7 @@ def fit(
     description: str = "train",
     on_epoch: Callable[[EpochRecord], None] | None = None,
     probe: ArrayLike | None = None,
+    positions: ArrayLike | None = None,
 ) -> TrainResult:
     """Train ``model`` on preprocessed inputs and label phases; keep the best-validation state.
 
@@ -510,6 +528,8 @@ def fit(
     probe : (H, W) complex, optional
         The probe in the units of ``inputs`` (:func:`~edge_ptycho_bluesky.training.physics.
         probe_for_inputs`), needed by the physics losses (``config.loss``).
+    positions : (N, 2) float, optional
+        Window corners (row, col) in object pixels of the frames, for ``config.consistency_weight``.
 
     Returns
     -------
@@ -521,7 +541,7 @@ def fit(
         Mismatched shapes, fewer than 2 samples, a batch size not divisible by the world size.
     """
     t_start = time.perf_counter()
-    plan = _plan_fit(inputs, labels, config, dist_info, split_seed, probe)
+    plan = _plan_fit(inputs, labels, config, dist_info, split_seed, probe, positions)
     device, world = plan.device, dist_info.world_size
     with _torch_threads(config.num_threads):
         opt = _set_up_optimisation(model, plan, initial_state)

@@ -16,7 +16,10 @@ measured frames are the teacher.
 What one frame cannot tell: a constant phase offset changes nothing in ``lambda``.
 :func:`physics_loss` ties it down with an ``anchor``: the probe-weighted mean phase of each
 prediction is pulled towards that of the anchor patch (labels, or the starting model's own
-prediction), which changes nothing else.
+prediction), which changes nothing else. Where the windows of a scan overlap, the object is the
+same: :func:`overlap_consistency` asks overlapping predictions to agree (where the probe lit both),
+the ptychographic constraint that makes overlapping scans invertible, and which also makes the
+patches' offsets agree, so that they stitch into one image rather than a patchwork.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["expected_counts", "physics_loss", "poisson_deviance", "probe_for_inputs"]
+__all__ = ["expected_counts", "overlap_consistency", "physics_loss", "poisson_deviance", "probe_for_inputs"]
 
 #: Added to the expected counts before the logarithm (counts are >= 0; lambda can reach 0).
 _EPS = 1e-6
@@ -115,3 +118,40 @@ def probe_for_inputs(probe: ArrayLike, inputs: ArrayLike) -> NDArray[np.complex6
     if not target > 0:
         raise ValueError("the frames hold no counts: the physics loss needs measured photons")
     return (p * np.sqrt(target / power)).astype(np.complex64)
+
+
+def overlap_consistency(phase: torch.Tensor, corners: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Mean weighted squared disagreement of overlapping phase patches.
+
+    The patches are placed at their window corners (rounded to whole pixels) on a common canvas;
+    each pixel's weighted mean over the patches that cover it is the consensus, and the loss is
+    ``sum_k sum_r w(r) (phi_k(r) - consensus)^2 / (B sum_r w(r))``: zero when every overlap agrees,
+    and zero for a pixel seen by one patch only.
+
+    Parameters
+    ----------
+    phase
+        ``(B, [1,] N, N)`` predicted phase patches.
+    corners
+        ``(B, 2)`` window corners (row, col) in object pixels.
+    weight
+        ``(N, N)`` pixel weights, e.g. the probe intensity: where a patch is lit, so known.
+    """
+    p = phase[:, 0] if phase.ndim == 4 else phase
+    b, n = p.shape[0], p.shape[-1]
+    c = torch.round(corners.detach().to(torch.float64)).long()
+    c = c - c.min(dim=0).values
+    h, w = int(c[:, 0].max()) + n, int(c[:, 1].max()) + n
+    num = p.new_zeros((h, w))
+    den = p.new_zeros((h, w))
+    wp = weight * p
+    for k in range(b):
+        r, q = int(c[k, 0]), int(c[k, 1])
+        num[r:r + n, q:q + n] = num[r:r + n, q:q + n] + wp[k]
+        den[r:r + n, q:q + n] = den[r:r + n, q:q + n] + weight
+    consensus = num / torch.clamp(den, min=_EPS)
+    total = p.new_zeros(())
+    for k in range(b):
+        r, q = int(c[k, 0]), int(c[k, 1])
+        total = total + (weight * (p[k] - consensus[r:r + n, q:q + n]) ** 2).sum()
+    return total / (b * weight.sum())

@@ -1,4 +1,4 @@
-"""``edge-ptycho import-onnx`` and ``edge-ptycho registry {list,show,deploy,rollback}``.
+"""``edge-ptycho import-onnx`` and ``edge-ptycho registry {init,list,show,deploy,rollback}``.
 
 The registry folder comes from ``--registry DIR`` or the ``EDGE_PTYCHO_REGISTRY`` variable
 (:func:`add_registry_argument`, shared with the other commands that read the registry).
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .registry import ModelRegistry, import_onnx
 from .registry_checks import RegistryError
+from .shipped import init_registry
 
 __all__ = ["REGISTRY_ENV", "add_registry_argument", "add_subcommand"]
 
@@ -37,7 +38,7 @@ def add_registry_argument(parser: argparse.ArgumentParser) -> None:
 def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     """Register ``edge-ptycho import-onnx`` and ``edge-ptycho registry ACTION``.
 
-    ``ACTION`` is one of ``list``, ``show``, ``deploy``, ``rollback``.
+    ``ACTION`` is one of ``init``, ``list``, ``show``, ``deploy``, ``rollback``.
 
     The registry folder comes from ``--registry DIR`` or the ``EDGE_PTYCHO_REGISTRY`` variable.
     """
@@ -67,8 +68,18 @@ def add_subcommand(subparsers: argparse._SubParsersAction) -> None:  # type: ign
         help="list, inspect, deploy or roll back model versions",
         description="Inspect the model registry and change the deployed version.",
     )
-    actions = reg.add_subparsers(dest="registry_action", metavar="{list,show,deploy,rollback}")
+    actions = reg.add_subparsers(dest="registry_action", metavar="{init,list,show,deploy,rollback}")
     actions.required = True
+    init = actions.add_parser("init", help="create a registry with the model shipped in the package, deployed",
+                              description="Create the registry DIR (or fill an empty one) with the trained model "
+                              "that ships with the package (docs/models.md), verified and deployed as its first "
+                              "version.")
+    init.add_argument("dir", nargs="?", type=Path, metavar="DIR",
+                      help=f"registry folder (default: --registry or ${REGISTRY_ENV})")
+    env_root = os.environ.get(REGISTRY_ENV)
+    init.add_argument("--registry", type=Path, default=Path(env_root) if env_root else None, metavar="DIR",
+                      help="the same as DIR")
+    init.set_defaults(func=_cmd_init)
     lst = actions.add_parser("list", parents=[common], help="list versions (* = deployed)")
     lst.add_argument("--verify", action="store_true", help="also check every file's sha256")
     lst.set_defaults(func=_cmd_list)
@@ -104,6 +115,20 @@ def _cmd_import_onnx(args: argparse.Namespace) -> int:
         return _fail(exc)
     state = "deployed" if not args.no_deploy else "not deployed"
     print(f"imported {args.onnx_file} as {mv.version} ({state}) in {args.registry}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    root = args.dir or args.registry
+    if root is None:
+        return _fail(RegistryError(f"give the registry folder: edge-ptycho registry init DIR (or set ${REGISTRY_ENV})"))
+    try:
+        mv = init_registry(root)
+    except RegistryError as exc:
+        return _fail(exc)
+    shipped = (mv.manifest.get("extra") or {}).get("shipped") or {}
+    print(f"initialised {root} with the shipped model {shipped.get('name', mv.manifest.get('model'))} "
+          f"as {mv.version} (verified, deployed)")
     return 0
 
 
