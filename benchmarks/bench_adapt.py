@@ -2,8 +2,9 @@
 ``edge-ptycho adapt`` (the physics loss on the scan's own frames, no labels).
 
 For each overlap: a photon-counted Fermat-spiral scan of letters (features no model here was
-trained on) with the simulated beamline's probe; a registry holding the starting network (a fresh,
-untrained one by default, or a state dict given with ``--start``); the stitched AI phase before,
+trained on) with the simulated beamline's probe; a registry holding the starting network (the
+model shipped with the package, ``--start shipped``, default; or a fresh, untrained one,
+``--start fresh``); the stitched AI phase before,
 :func:`~edge_ptycho_bluesky.training.adapt.adapt_scan` within ``--seconds``, the stitched AI phase
 of the adapted model after. SSIM over the scanned region, the mean phase removed (the counts do
 not fix it).
@@ -32,6 +33,7 @@ from edge_ptycho_bluesky.training.adapt import DEFAULT_CONFIG, adapt_scan
 from edge_ptycho_bluesky.training.evaluate import predict_phases
 from edge_ptycho_bluesky.training.loop import auto_count_scale
 from edge_ptycho_bluesky.training.registry import ModelRegistry
+from edge_ptycho_bluesky.training.shipped import init_registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from records import record, write_json  # noqa: E402  (benchmarks/records.py)
@@ -50,8 +52,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--points", type=int, default=200)
     parser.add_argument("--overlaps", default="0.9,0")
-    parser.add_argument("--model", default="ptychonn2-fast", choices=("ptychonn2", "ptychonn2-fast"))
-    parser.add_argument("--start", type=Path, default=None, help="state dict of the starting model (default: fresh)")
+    parser.add_argument("--model", default="ptychonn2-fast", choices=("ptychonn2", "ptychonn2-fast"),
+                        help="architecture of a fresh start")
+    parser.add_argument("--start", choices=("shipped", "fresh"), default="shipped")
     parser.add_argument("--lr-max", type=float, default=None, help="peak learning rate (default: adapt's)")
     parser.add_argument("--consistency", type=float, default=None, help="overlap-consistency weight (default: adapt's)")
     parser.add_argument("--threads", type=int, default=2)
@@ -68,25 +71,29 @@ def main() -> int:
     for overlap in (float(o) for o in args.overlaps.split(",")):
         step = step_for_overlap(overlap, BEAM_UM) if overlap > 0 else BEAM_UM
         scan = simulate_scan("test", args.points, step, seed=11)
-        torch.manual_seed(0)
-        model = build_model(args.model) if args.start is None else load_model(args.start, args.model)
-        scale = auto_count_scale(scan.frames)
-        before = ai_ssim(model, scan, scale)
         with tempfile.TemporaryDirectory() as tmp:
             registry = ModelRegistry(Path(tmp) / "models")
-            registry.publish({"model.onnx": export_onnx(model.eval(), Path(tmp) / "m.onnx"),
-                              "model.pt": save_state_dict(model, Path(tmp) / "m.pt")},
-                             model=args.model, extra={"preprocess": {"scale": scale}})
+            if args.start == "shipped":
+                start = init_registry(registry.root)
+                name = start.manifest["model"]
+                model, scale = load_model(start.torch_path, name), start.input_scale
+            else:
+                torch.manual_seed(0)
+                name, model, scale = args.model, build_model(args.model), auto_count_scale(scan.frames)
+                registry.publish({"model.onnx": export_onnx(model.eval(), Path(tmp) / "m.onnx"),
+                                  "model.pt": save_state_dict(model, Path(tmp) / "m.pt")},
+                                 model=name, extra={"preprocess": {"scale": scale}})
+            before = ai_ssim(model, scan, scale)
             ptycho = PtychoScan(frames=scan.frames, positions_m=scan.xy_um * 1e-6, geometry=scan.sample.geometry,
                                 probe=scan.sample.probe, uid=f"letters-overlap-{overlap:g}", exposure_s=scan.exposure_s)
             t0 = time.perf_counter()
             result = adapt_scan(ptycho, registry, seconds=args.seconds, epochs=args.epochs, config=config)
             seconds = time.perf_counter() - t0
-            adapted = load_model(registry.get(result.version).torch_path, args.model)
+            adapted = load_model(registry.get(result.version).torch_path, name)
         after = ai_ssim(adapted, scan, scale)
         print(f"{overlap:>7g} {args.points:>6d} {before:>11.3f} {after:>10.3f} {result.loss_before:>11.4g} "
               f"{result.loss_after:>10.4g} {result.epochs:>6d} {seconds:>5.0f}")
-        record("adapt", model=args.model, overlap=overlap, frames=args.points, ssim_before=before,
+        record("adapt", model=name, start=args.start, overlap=overlap, frames=args.points, ssim_before=before,
                ssim_after=after, loss_before=result.loss_before, loss_after=result.loss_after,
                epochs=result.epochs, seconds=seconds, deployed=result.deployed)
     write_json(args.json)

@@ -6,17 +6,21 @@ Stages (each adds its figures to ``OUT/summary.json``, a flat JSON object):
    the embedded Tiled catalog and replayed from it through a callback;
 2. rPIE of the training scan (the "HPC" side), its training labels stored in Tiled beside the
    raw run, and ``ssim_rpie_vs_truth``; picture ``OUT/rpie_vs_truth.png``;
-3. the retraining job (in a process pool) trains PtychoNN 2.0 on those labels and publishes the
-   first model into ``OUT/loop/registry``;
+3. the first model in ``OUT/loop/registry``: the model shipped with the package (``edge-ptycho
+   registry init``), or with ``--full`` the retraining job (in a process pool) trains PtychoNN 2.0
+   on the labels of stage 2 and publishes it;
 4. a test scan (letters: features the network never saw) with live inference: every frame goes
    over pvAccess (loopback) to an ``edge-ptycho worker`` process, the phase patches come back
    and are stitched live, and the stitched image is stored in Tiled beside the raw run;
 5. rPIE of the test scan as reference: ``ssim_ai_vs_rpie``, ``ssim_ai_vs_truth``;
-6. a second labelled training scan, with the retraining callback subscribed to the RunEngine:
-   validation of the deployed model, retraining per the policy, hot swap in the worker, and a
-   replay of the test scan through the new model (``model_versions``, ``retrain_decisions``,
-   ``ssim_first_model``, ``ssim_second_model``). Pictures: ``OUT/ai_vs_rpie.png`` (truth, rPIE,
-   first and second model) and ``OUT/scan_positions.png`` (the scans and one pattern).
+6. the model learns from the scans: by default it adapts to the test scan's own frames without
+   labels (``edge-ptycho adapt``: the physics loss, a time budget, deployed when better on held-out
+   frames); with ``--full`` a second labelled training scan is run with the retraining callback
+   subscribed to the RunEngine (validation of the deployed model, retraining per the policy).
+   The worker hot-swaps the new version and the test scan is replayed through it
+   (``model_versions``, ``retrain_decisions``, ``ssim_first_model``, ``ssim_second_model``).
+   Pictures: ``OUT/ai_vs_rpie.png`` (truth, rPIE, first and second model, one colour scale) and
+   ``OUT/scan_positions.png`` (the scans and one pattern).
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 from edge_ptycho_bluesky.recon.labels import labels_from_reconstruction, store_labels
 from edge_ptycho_bluesky.recon.reconstruct import reconstruct_scan
 from edge_ptycho_bluesky.runs import EdgePtychoMeta, read_scan
+from edge_ptycho_bluesky.training.adapt import adapt_scan
+from edge_ptycho_bluesky.training.shipped import init_registry
 from edge_ptycho_bluesky.stitching import stitch
 from edge_ptycho_bluesky.storage import (
     StorageConfig,
@@ -65,6 +71,8 @@ class DemoConfig:
     out: Path
     data_dir: Path | None = None
     quick: bool = False
+    full: bool = False
+    adapt_seconds: float = 60.0
     step_um: float = 0.05
     train_points: int = 400
     test_points: int = 200
@@ -79,6 +87,7 @@ class DemoConfig:
             object.__setattr__(self, "test_points", min(self.test_points, 40))
             object.__setattr__(self, "rpie_iterations", min(self.rpie_iterations, 60))
             object.__setattr__(self, "epochs", min(self.epochs, 2))
+            object.__setattr__(self, "adapt_seconds", min(self.adapt_seconds, 15.0))
 
     @property
     def storage_dir(self) -> Path:
@@ -137,19 +146,23 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                  ["true phase (training sample)", f"rPIE, SSIM {scores['ssim']:.3f}"])
     _mark(summary, "stage2_rpie", t0)
 
-    logger.info("stage 3: the retraining job trains the first model on the stored labels")
     loop = JobConfig.under(config.out / "loop", storage, rpie_iterations=config.rpie_iterations,
                            train=TrainConfig(epochs=config.epochs, seed=config.seed, progress=False),
                            policy=RetrainPolicyConfig(min_ssim=MIN_SSIM))
     retrain = RetrainCallback(loop, "process", recorder=writer)
     try:
-        retrain.submit(train_uid)
-        _wait(retrain)
-        first = retrain.outcomes[-1]
-        if first.published_version is None:
-            raise RuntimeError(f"the first training job did not publish a model: {first.status} ({first.reason}; "
-                               f"errors: {list(first.errors)})")
-        summary["model_version"] = first.published_version
+        if config.full:
+            logger.info("stage 3: the retraining job trains the first model on the stored labels")
+            retrain.submit(train_uid)
+            _wait(retrain)
+            first = retrain.outcomes[-1]
+            if first.published_version is None:
+                raise RuntimeError(f"the first training job did not publish a model: {first.status} "
+                                   f"({first.reason}; errors: {list(first.errors)})")
+            summary["model_version"] = first.published_version
+        else:
+            logger.info("stage 3: the model shipped with the package is the first model")
+            summary["model_version"] = init_registry(loop.registry_root).version
         _mark(summary, "stage3_train", t0)
 
         logger.info("stage 4: test scan (%d points) with live inference over pvAccess", config.test_points)
@@ -175,13 +188,24 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
                 compare(test_truth, test_rec.result.phase, test_rec.mask)["ssim"], 4)
             _mark(summary, "stage5_reference", t0)
 
-            logger.info("stage 6: a second labelled scan drives validation and retraining (RE only)")
-            RE.subscribe(retrain)
-            second_uid = _scan(RE, second_line, config, config.train_points, "train")
-            _wait(retrain)
-            versions = [o.published_version for o in retrain.outcomes if o.published_version]
+            if config.full:
+                logger.info("stage 6: a second labelled scan drives validation and retraining (RE only)")
+                RE.subscribe(retrain)
+                second_uid = _scan(RE, second_line, config, config.train_points, "train")
+                _wait(retrain)
+                versions = [o.published_version for o in retrain.outcomes if o.published_version]
+                decisions = [f"{o.scan_uid[:8]}: {o.status} ({o.reason})" for o in retrain.outcomes]
+            else:
+                logger.info("stage 6: the model adapts to the test scan's own frames (no labels, %.0f s)",
+                            config.adapt_seconds)
+                second_uid = None
+                adapted = adapt_scan(read_scan(get_run(client, test_uid)), loop.registry_root,
+                                     seconds=config.adapt_seconds)
+                versions = [summary["model_version"]] + ([adapted.version] if adapted.deployed else [])
+                decisions = [f"{test_uid[:8]}: {'adapted' if adapted.deployed else 'not adapted'} (held-out "
+                             f"physics loss {adapted.loss_before:.4g} -> {adapted.loss_after:.4g})"]
             summary["model_versions"] = versions
-            summary["retrain_decisions"] = [f"{o.scan_uid[:8]}: {o.status} ({o.reason})" for o in retrain.outcomes]
+            summary["retrain_decisions"] = decisions
             served = _wait_for_model(edge, versions[-1])
             logger.info("replaying the test scan through the edge worker (model %s)", served)
             again = edge.replay(test_uid)
@@ -213,11 +237,13 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     _plot_images(config.out / "ai_vs_rpie.png", [test_truth, test_rec.result.phase, ai_image, second_image],
                  test_rec.mask, ["true phase (test sample)", "rPIE",
                                  f"first model {versions[0]} live, SSIM {summary['ssim_first_model']:.3f}",
-                                 f"after retraining {versions[-1]}, SSIM {summary['ssim_second_model']:.3f}"])
+                                 f"{'after retraining' if config.full else 'adapted'} {versions[-1]}, "
+                                 f"SSIM {summary['ssim_second_model']:.3f}"])
 
-    uids = [train_uid, test_uid, second_uid]
+    summary["train_scan_uid"], summary["test_scan_uid"], summary["second_train_scan_uid"] = (
+        train_uid, test_uid, second_uid)
+    uids = [uid for uid in (train_uid, test_uid, second_uid) if uid is not None]
     summary["scans"] = uids
-    summary["train_scan_uid"], summary["test_scan_uid"], summary["second_train_scan_uid"] = uids
     images = {uid: get_run(client, uid)["primary"]["ptycho_det_image"] for uid in uids}
     summary["frames_stored"] = int(sum(image.shape[0] for image in images.values()))
     _plot_scans(config.out / "scan_positions.png", client, uids, images[test_uid][0])
@@ -289,13 +315,14 @@ def _plot_images(path: Path, images: list[np.ndarray], mask: np.ndarray, titles:
 
     rows, cols = np.nonzero(mask)
     box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-    fig, axes = plt.subplots(1, len(images), figsize=(4.5 * len(images), 4.2))
-    for ax, image, title in zip(np.atleast_1d(axes), images, titles):
-        shown = np.where(mask, image - np.nanmedian(image[mask]), np.nan)[box]
-        im = ax.imshow(shown, cmap="gray")
+    shown = [np.where(mask, image - np.nanmedian(image[mask]), np.nan)[box] for image in images]
+    # one colour scale for every panel (the reference's range): a flat image looks flat
+    low, high = np.nanpercentile(shown[0], [0.5, 99.5])
+    fig, axes = plt.subplots(1, len(images), figsize=(4.5 * len(images), 4.2), layout="constrained")
+    for ax, view, title in zip(np.atleast_1d(axes), shown, titles):
+        im = ax.imshow(view, cmap="gray", vmin=low, vmax=high)
         ax.set(title=title, xticks=[], yticks=[])
-        fig.colorbar(im, ax=ax, label="phase (rad)", shrink=0.8)
-    fig.tight_layout()
+    fig.colorbar(im, ax=list(np.atleast_1d(axes)), label="phase (rad)", shrink=0.8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -1,4 +1,5 @@
-"""The command line: ``edge-ptycho demo`` runs the whole workflow and writes its pictures and summary."""
+"""The command line: ``edge-ptycho demo`` runs the whole workflow (with the shipped model, or ``--full`` from
+scratch) and writes its pictures and summary."""
 
 from __future__ import annotations
 
@@ -9,10 +10,32 @@ import pytest
 from edge_ptycho_bluesky.cli import main
 
 
+#: The figures every demo summary holds (README, "The demo").
+SUMMARY_KEYS = {"scans", "frames_stored", "ssim_rpie_vs_truth", "model_version", "model_versions", "retrain_decisions",
+                "frames_sent", "frames_inferred", "frames_dropped", "latency_p50_ms", "latency_p99_ms", "transport",
+                "ssim_ai_vs_rpie", "ssim_ai_vs_truth", "ssim_first_model", "ssim_second_model", "time_s"}
+
+
 @pytest.mark.slow
-def test_demo_quick_writes_summary_and_pictures(tmp_path):
+def test_demo_with_the_shipped_model_adapts_it_to_the_test_scan(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "out"), "--quick"]) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert len(summary["scans"]) == 2 and summary["frames_stored"] == 60 + 40
+    assert summary["frames_sent"] == 40 and summary["frames_inferred"] + summary["frames_dropped"] == 40
+    assert summary["model_versions"][0] == summary["model_version"] == "v0001"  # the shipped model
+    (decision,) = summary["retrain_decisions"]
+    assert decision.split(": ")[1].startswith(("adapted", "not adapted"))
+    assert summary["replay_model_versions"] == summary["model_versions"][-1:]
+    assert -1 <= summary["ssim_second_model"] <= 1 and -1 <= summary["ssim_ai_vs_truth"] <= 1
+    assert (tmp_path / "out" / "ai_vs_rpie.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_demo_quick_writes_summary_and_pictures(tmp_path):
+    assert main(["demo", "--out", str(tmp_path / "out"), "--quick", "--full"]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
     assert len(summary["scans"]) == 3 and all(isinstance(uid, str) and len(uid) == 36 for uid in summary["scans"])
     assert summary["frames_stored"] == 60 + 40 + 60
     assert summary["replayed_documents"] > 40
