@@ -530,3 +530,21 @@ def test_a_retrained_model_far_below_the_deployed_one_is_published_but_not_deplo
     result = run_retraining_job(JobRequest(uid, cfg, now=10.0, job_id="job-open", attempt=1))
     assert result.deployed and "NOT deployed" not in result.reason
     assert registry.current().version == "v0002"
+
+
+def test_retraining_keeps_the_deployed_architecture_to_warm_start_from_it(tmp_path: Path) -> None:
+    """The shipped model is the CPU-sized variant: a job configured for PtychoNN 2.0 retrains that
+    variant (with its recorded sizes) rather than failing to load its weights."""
+    from edge_ptycho_bluesky.model import build_model, export_onnx, save_state_dict
+    from edge_ptycho_bluesky.training.jobs import _architecture
+
+    config = JobConfig.under(tmp_path, StorageConfig(data_dir=tmp_path / "data"))
+    registry = ModelRegistry(config.registry_root)
+    assert _architecture(config, None) == ("ptychonn2", {})
+    fast = build_model("ptychonn2-fast", nconv=4, n_levels=3)
+    mv = registry.publish({"model.onnx": export_onnx(fast, tmp_path / "f.onnx"),
+                           "model.pt": save_state_dict(fast, tmp_path / "f.pt")},
+                          model="ptychonn2-fast", extra={"model_kwargs": {"nconv": 4, "n_levels": 3}})
+    name, kwargs = _architecture(config, mv)
+    assert (name, kwargs) == ("ptychonn2-fast", {"nconv": 4, "n_levels": 3})
+    build_model(name, **kwargs).load_state_dict(fast.state_dict())  # the warm start loads

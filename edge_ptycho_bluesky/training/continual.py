@@ -349,6 +349,8 @@ class ContinualTrainer:
         if parent is ...:
             parent = self.parent_version
         meta: dict[str, Any] = {"preprocess": {"scale": self.count_scale}}
+        if self.model_kwargs:  # so that a warm start or an adaptation can rebuild the network
+            meta["model_kwargs"] = dict(self.model_kwargs)
         exposure = corpus_exposure(self.corpus)
         if exposure is not None:
             meta["preprocess"]["exposure_s"] = exposure

@@ -474,6 +474,19 @@ def _reuse_undeployed_version(request: JobRequest, registry: ModelRegistry, outc
                        "not training again", request.job_id, request.attempt, undeployed.version)
 
 
+def _architecture(cfg: JobConfig, mv: Any) -> tuple[str, dict[str, Any]]:
+    """The network to train: the deployed version's (its ``model.pt`` is the warm start, e.g. the
+    shipped ptychonn2-fast), else ``cfg.model_name``."""
+    if mv is None or mv.torch_path is None:
+        return cfg.model_name, dict(cfg.model_kwargs)
+    name = str(mv.manifest.get("model") or cfg.model_name)
+    if name == cfg.model_name:
+        return name, dict(cfg.model_kwargs)
+    logger.info("retraining the deployed %s's architecture %s (not %s) to warm-start from it", mv.version, name,
+                cfg.model_name)
+    return name, dict((mv.manifest.get("extra") or {}).get("model_kwargs") or {})
+
+
 def _train_and_publish(request: JobRequest, corpus: TrainingCorpus, registry: ModelRegistry, mv: Any,
                        labelled: LabelledScan, outcome: _JobOutcome, timings: dict[str, float]) -> None:
     """Train one increment on the whole corpus (warm-started from ``mv``), measure it on the scan and
@@ -482,8 +495,8 @@ def _train_and_publish(request: JobRequest, corpus: TrainingCorpus, registry: Mo
     uid = request.scan_uid
     decision, ssim_value = outcome.decision, outcome.ssim
     workdir = cfg.workdir / f"job_{request.job_id}_{request.attempt}"
-    trainer = ContinualTrainer(cfg.model_name, cfg.train, workdir, corpus=corpus,
-                               model_kwargs=cfg.model_kwargs)
+    name, kwargs = _architecture(cfg, mv)
+    trainer = ContinualTrainer(name, cfg.train, workdir, corpus=corpus, model_kwargs=kwargs)
     if mv is not None:
         trainer.warm_start_from_registry(registry)
     t = time.perf_counter()
