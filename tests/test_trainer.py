@@ -516,3 +516,26 @@ def test_corpus_exposure_is_recorded_only_when_every_scan_agrees():
     assert corpus_exposure(scans(0.01, None)) is None
     assert corpus_exposure(scans(None)) is None
     assert corpus_exposure(scans(-1.0)) is None
+
+
+@pytest.mark.slow
+def test_ddp_trains_the_physics_loss_and_every_setting_like_one_process(tmp_path: Path) -> None:
+    """The ranks get the whole TrainConfig (the loss included) and the probe: 'mae+physics' under
+    torchrun gives the single process's losses."""
+    from edge_ptycho_bluesky.recon.labels import save_corpus
+    from edge_ptycho_bluesky.sim import zone_plate_probe
+    from edge_ptycho_bluesky.training.ddp import run_torchrun
+    from edge_ptycho_bluesky.training.physics import probe_for_inputs
+
+    scan = make_scan(64, seed=5, uid="scan-ddp-physics")  # 58 training frames: no rank pads its shard
+    corpus_file = save_corpus(tmp_path / "corpus.npz", scan)
+    inputs = prepare_inputs(scan.frames, SCALE)
+    probe = probe_for_inputs(zone_plate_probe(), inputs)
+    config = tiny_config(epochs=1, batch_size=16, loss="mae+physics", loss_window=0.3)
+    torch.manual_seed(config.seed)
+    single = fit(build_model("ptychonn2", **TINY), inputs, scan.phases, config, probe=probe)
+    ddp = run_torchrun([corpus_file], tmp_path / "ddp", nproc=2, config=config, model_kwargs=TINY,
+                       timeout_s=300, probe=probe)
+    assert ddp.config.loss == "mae+physics" and ddp.config.loss_window == 0.3
+    assert ddp.history[0].train_loss == pytest.approx(single.history[0].train_loss, rel=1e-3)
+    assert ddp.history[0].val_loss == pytest.approx(single.history[0].val_loss, rel=1e-3)

@@ -43,7 +43,9 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -59,6 +61,7 @@ __all__ = ["MODEL_FILE", "RESULT_FILE", "main", "run_torchrun"]
 #: Files rank 0 writes into ``--out``.
 MODEL_FILE = "model.pt"
 RESULT_FILE = "result.json"
+PROBE_FILE = "probe.npy"
 
 
 def _dist_info_from_env() -> DistInfo:
@@ -79,12 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format=f"%(asctime)s rank{info.rank} %(levelname)s %(name)s: %(message)s",
     )
     torch.set_num_threads(1)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr_min=args.lr_min, lr_max=args.lr_max,
-        half_cycle_epochs=args.half_cycle_epochs, val_fraction=args.val_fraction, seed=args.seed,
-        device=args.device, num_threads=1, amp=args.amp, count_scale=args.count_scale,
-        progress=not args.no_progress,
-    )
+    config = TrainConfig.from_dict({**args.config, "num_threads": 1})
     from ..model import build_model
 
     if info.distributed:
@@ -104,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, inputs, phases, config, initial_state=initial, dist_info=info,
             split_seed=args.split_seed, curves_dir=args.out if info.is_main else None,
             description=f"DDP x{info.world_size} ({len(frames)} frames)",
+            probe=None if args.probe is None else np.load(args.probe),
         )
         if info.is_main:
             args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +130,7 @@ def run_torchrun(
     split_seed: int | None = None,
     timeout_s: float | None = None,
     env: dict[str, str] | None = None,
+    probe: Any = None,
 ) -> TrainResult:
     """Train with ``torchrun --standalone --nproc_per_node nproc`` in a subprocess.
 
@@ -156,6 +156,8 @@ def run_torchrun(
         Kill the run after this many seconds (``subprocess.TimeoutExpired``).
     env : dict, optional
         Extra environment variables.
+    probe : (H, W) complex, optional
+        The probe in the units of the network input, for the physics losses.
 
     Returns
     -------
@@ -180,24 +182,15 @@ def run_torchrun(
         "--out", str(out),
         "--model", model,
         "--model-kwargs", json.dumps(model_kwargs or {}),
-        "--epochs", str(config.epochs),
-        "--batch-size", str(config.batch_size),
-        "--lr-min", repr(config.lr_min),
-        "--lr-max", repr(config.lr_max),
-        "--half-cycle-epochs", repr(config.half_cycle_epochs),
-        "--val-fraction", repr(config.val_fraction),
-        "--seed", str(config.seed),
-        "--device", config.device,
-        "--amp" if config.amp else "--no-amp",
+        "--config", json.dumps(config.to_dict()),  # every setting, the loss included
     ]
     if split_seed is not None:
         cmd += ["--split-seed", str(split_seed)]
-    if config.count_scale is not None:
-        cmd += ["--count-scale", repr(config.count_scale)]
     if initial_state is not None:
         cmd += ["--init", str(initial_state)]
-    if not config.progress:
-        cmd.append("--no-progress")
+    if probe is not None:
+        np.save(out / PROBE_FILE, np.asarray(probe, dtype=np.complex64))
+        cmd += ["--probe", str(out / PROBE_FILE)]
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     src = str(Path(__file__).resolve().parents[2])
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (src, run_env.get("PYTHONPATH")) if p)
