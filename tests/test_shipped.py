@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from edge_ptycho_bluesky.cli import main
 from edge_ptycho_bluesky.io.cxi import PtychoScan
 from edge_ptycho_bluesky.model.scan_inference import infer_scan, load_scan
 from edge_ptycho_bluesky.sim import fermat_spiral, make_sample
+from edge_ptycho_bluesky.training.adapt import adapt_scan
 from edge_ptycho_bluesky.training.registry import ModelRegistry
 from edge_ptycho_bluesky.training.shipped import init_registry_if_empty, shipped_model_info
 
@@ -41,3 +43,16 @@ def test_an_empty_registry_gets_the_shipped_model_once(tmp_path, monkeypatch, ca
     monkeypatch.delenv("EDGE_PTYCHO_REGISTRY", raising=False)
     assert main(["registry", "init"]) == 1
     assert "give the registry folder" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_scan_without_probe_adapts_with_the_probe_the_shipped_model_was_trained_with(tmp_path) -> None:
+    root = tmp_path / "registry"
+    shipped = init_registry_if_empty(root)
+    assert shipped.probe_path is not None
+    sample = make_sample("test", extent_um=0.3, seed=6)
+    xy = fermat_spiral(30, 0.05)
+    scan = PtychoScan(frames=sample.measure(xy, 0.01, rng=2), positions_m=xy * 1e-6, geometry=sample.geometry,
+                      exposure_s=0.01, uid="no-probe")  # no probe recorded, as the simulated detector's runs
+    result = adapt_scan(scan, root, seconds=20, epochs=2)
+    assert result.parent == shipped.version and np.isfinite(result.loss_after)

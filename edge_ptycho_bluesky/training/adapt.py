@@ -127,7 +127,8 @@ def adapt_scan(
     epochs
         At most this many epochs.
     probe
-        ``(N, N)`` complex probe instead of ``scan.probe`` (any units: it is scaled to the frames).
+        ``(N, N)`` complex probe (any units: it is scaled to the frames); default: ``scan.probe``,
+        else the probe the deployed version was trained with (its ``probe.npy``).
     config
         Training settings (default :data:`DEFAULT_CONFIG`); ``loss``, ``epochs`` and the time
         budget are set here.
@@ -151,13 +152,17 @@ def adapt_scan(
     if mv is None:
         raise RegistryError(f"no model is deployed in {registry.root}: deploy one first (edge-ptycho "
                             "registry deploy V, or edge-ptycho import-onnx FILE.onnx)")
-    probe = scan.probe if probe is None else probe
+    if probe is None:
+        probe = scan.probe
+    if probe is None and mv.probe_path is not None:
+        logger.info("adapt: scan %s records no probe: using the one %s was trained with", scan.uid, mv.version)
+        probe = np.load(mv.probe_path)
     if probe is None:
         raise ValueError(
-            f"scan {scan.uid or ''} records no probe, and the physics loss needs one: pass --probe FILE.npy "
-            "(a complex (N, N) array, e.g. the refined probe of an rPIE reconstruction of this or an earlier "
-            "scan: `edge-ptycho recon INPUT --out R.cxi` stores it as R.cxi's illumination, which a CXI "
-            "input carries), or record the probe with the run")
+            f"scan {scan.uid or ''} records no probe, nor does the deployed {mv.version}, and the physics loss "
+            "needs one: pass --probe FILE.npy (a complex (N, N) array, e.g. the refined probe of an rPIE "
+            "reconstruction of this or an earlier scan: `edge-ptycho recon INPUT --out R.cxi` stores it as "
+            "R.cxi's illumination, which a CXI input carries), or record the probe with the run")
     ok = usable_frames(scan.frames)
     skipped = int(len(ok) - ok.sum())
     if skipped:

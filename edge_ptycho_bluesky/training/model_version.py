@@ -36,6 +36,9 @@ VERSIONS_DIR = "versions"
 LOCK_NAME = ".lock"
 ONNX_NAME = "model.onnx"
 TORCH_NAME = "model.pt"
+#: Optional: the probe the model was trained with (complex (N, N) .npy): the physics loss's
+#: fallback for a scan that records none.
+PROBE_NAME = "probe.npy"
 DEFAULT_INPUT_SHAPE: tuple[int, int, int] = (1, FRAME_SIZE, FRAME_SIZE)
 REQUIRED_MANIFEST_KEYS: tuple[str, ...] = (
     "version",
@@ -77,6 +80,11 @@ class ModelVersion:
         Load it only with ``torch.load(path, weights_only=True)``.
         """
         return self.path / TORCH_NAME if TORCH_NAME in self.manifest.get("files", {}) else None
+
+    @property
+    def probe_path(self) -> Path | None:
+        """Path of the probe the model was trained with (``probe.npy``), or None."""
+        return self.path / PROBE_NAME if PROBE_NAME in self.manifest.get("files", {}) else None
 
     @property
     def parent(self) -> str | None:

@@ -1,6 +1,7 @@
 """The model that ships with the package: a trained network for a new registry.
 
-``edge_ptycho_bluesky/data/models/<name>/`` holds ``model.onnx``, ``model.pt`` and ``shipped.json``
+``edge_ptycho_bluesky/data/models/<name>/`` holds ``model.onnx``, ``model.pt``, ``probe.npy`` (the
+simulated beamline's probe it was trained with, the physics loss's fallback) and ``shipped.json``
 (the architecture, the input contract it was trained with, and how it was made: recipe, command,
 corpus, seed, measured accuracy; see docs/models.md). :func:`init_registry` publishes it into an
 empty registry, verifies and deploys it, so that a fresh beamline session has a working model
@@ -55,7 +56,8 @@ def init_registry(root: str | Path, name: str = SHIPPED_MODEL) -> ModelVersion:
     extra = {"preprocess": info["preprocess"], "shipped": {k: v for k, v in info.items() if k != "preprocess"}}
     if info.get("model_kwargs"):
         extra["model_kwargs"] = info["model_kwargs"]
-    mv = registry.publish({"model.onnx": folder / "model.onnx", "model.pt": folder / "model.pt"},
+    mv = registry.publish({"model.onnx": folder / "model.onnx", "model.pt": folder / "model.pt",
+                           "probe.npy": folder / "probe.npy"},
                           parent=None, model=info["model"], validation_ssim=info.get("validation_ssim"),
                           training_data=[], deploy=True, extra=extra,
                           notes=f"the model shipped with edge_ptycho_bluesky ({name})")
