@@ -4,7 +4,7 @@
 Tiled catalog (:meth:`edge_ptycho_bluesky.storage.StorageConfig.from_env`). The starting probe is
 the input's illumination when it has one (CXI ``/entry_1/instrument_1/source_1/illumination``, or a
 probe stored in the run's start document), else a modelled zone-plate probe of the recorded beam
-diameter (:func:`edge_ptycho_bluesky.recon.rpie.modelled_probe`, ``--beam-diameter-nm`` for CXI
+diameter (:func:`edge_ptycho_bluesky.recon.probe_init.modelled_probe`, ``--beam-diameter-nm`` for CXI
 input), else the data-derived guess. The output CXI holds the frames and positions, the object in
 ``/entry_1/image_1/data`` (complex64) with its pixel size, and the refined probe as the illumination.
 """

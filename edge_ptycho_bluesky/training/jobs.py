@@ -6,7 +6,7 @@ pool, Dask distributed workers, a Globus Compute endpoint (see :mod:`edge_ptycho
 It does, in order (the loop of Babu et al., Nat. Commun. 2023, Discussion):
 
 1. connect to Tiled from ``request.config.storage`` (cached per process) and read the raw run;
-2. reconstruct it with rPIE (:func:`edge_ptycho_bluesky.recon.rpie.recon_from_run`) and cut
+2. reconstruct it with rPIE (:func:`edge_ptycho_bluesky.recon.reconstruct.recon_from_run`) and cut
    the labels (:func:`~edge_ptycho_bluesky.recon.labels.labels_from_reconstruction`) -- or reuse
    the labels when the scan is already in the corpus (a retried job);
 3. add them to the on-disk :class:`~edge_ptycho_bluesky.training.corpus.TrainingCorpus`;
@@ -94,7 +94,7 @@ class JobConfig:
     rpie_iterations : int or None
         rPIE iterations (None: the solver's default).
     rpie_options : mapping
-        More :class:`~edge_ptycho_bluesky.recon.rpie.RPIEOptions` fields (e.g. ``{"alpha": 0.2}``).
+        More :class:`~edge_ptycho_bluesky.recon.rpie_options.RPIEOptions` fields (e.g. ``{"alpha": 0.2}``).
     nproc : int
         Data-parallel training processes (torch DDP under torchrun when > 1).
     model_name : str
