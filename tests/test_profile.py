@@ -23,6 +23,7 @@ def test_profile_startup_files_run_and_a_scan_is_stored(tmp_path):
         "run = get_run(catalog, uid)\n"
         "print('FRAMES', run['primary']['ptycho_det_image'].read().shape)\n"
         "print('REPLAYED', replay(run, lambda name, doc: None))\n"
+        "print('SCAN_ID', run.metadata['start']['scan_id'])\n"
         "names = set(dir())\n"
         "print('NAMES', {'RE', 'bec', 'stage', 'det', 'catalog', 'spiral_ptycho_scan', 'rel_spiral_ptycho_scan',"
         " 'replay'} <= names)\n"
@@ -38,3 +39,9 @@ def test_profile_startup_files_run_and_a_scan_is_stored(tmp_path):
     assert "FRAMES (6, 128, 128)" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
     assert "NAMES True" in result.stdout
     assert "REPLAYED" in result.stdout
+    # RE.md persists: a second session continues the scan ids of the first
+    again = subprocess.run(
+        [sys.executable, "-m", "IPython", "--no-banner", f"--profile-dir={PROFILE}", "--colors=nocolor",
+         "--HistoryManager.enabled=False", str(tmp_path / "scan.py")],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert "SCAN_ID 1" in result.stdout and "SCAN_ID 2" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
