@@ -45,6 +45,9 @@ __all__ = ["RetrainCallback", "start_retraining"]
 ENV_RETRAIN = "EDGE_PTYCHO_RETRAIN"
 ENV_EXECUTOR = "EDGE_PTYCHO_RETRAIN_EXECUTOR"
 ENV_EPOCHS = "EDGE_PTYCHO_RETRAIN_EPOCHS"
+ENV_ADAPT = "EDGE_PTYCHO_RETRAIN_ADAPT"
+#: Default seconds of label-free adaptation per scan in the profile (`EDGE_PTYCHO_RETRAIN_ADAPT`).
+ADAPT_SECONDS = 60.0
 #: :func:`start_retraining` retrains a model whose SSIM against new labels is below this, even when
 #: it is within tolerance of its own expected level (a poor first model must not be kept forever).
 MIN_SSIM = 0.85
@@ -83,7 +86,7 @@ class RetrainCallback(DocumentRouter):
             self.service = config
         else:
             self.service = RetrainService(config, executor, **options)
-        self._starts: dict[str, dict[str, Any]] = {}
+        self._starts: dict[str, bool] = {}  # run uid -> labelled
 
     def __repr__(self) -> str:
         return f"RetrainCallback({self.service!r})"
@@ -91,11 +94,12 @@ class RetrainCallback(DocumentRouter):
     # -- documents (RunEngine thread; must never block) -------------------------------------------
 
     def start(self, doc: dict[str, Any]) -> None:
-        """Remember a labelled scan's start (cheap; errors are logged, never raised)."""
+        """Remember a labelled scan's start, or any ptychography scan's when the model adapts
+        without labels (cheap; errors are logged, never raised)."""
         try:
             meta = EdgePtychoMeta.from_start(doc, required=False)
-            if meta is not None and meta.labelled:
-                self._starts[doc["uid"]] = doc
+            if meta is not None and (meta.labelled or self.service.config.adapt_seconds > 0):
+                self._starts[doc["uid"]] = meta.labelled
             else:
                 logger.debug("run %s is not a labelled ptychography scan: not for retraining", doc.get("uid"))
         except Exception:  # never take the scan down
@@ -107,7 +111,7 @@ class RetrainCallback(DocumentRouter):
             uid = doc.get("run_start")
             if uid not in self._starts:
                 return
-            del self._starts[uid]
+            labelled = self._starts.pop(uid)
             status = doc.get("exit_status")
             if status != "success":
                 # recorded on the dispatcher thread: recording may touch Tiled
@@ -115,7 +119,7 @@ class RetrainCallback(DocumentRouter):
                     f"the scan ended with exit_status={status!r} ({doc.get('reason') or 'no reason'}): "
                     f"not used for labels"))
                 return
-            self.service.submit(uid, "stop")
+            self.service.submit(uid, "stop", labelled=labelled)
         except Exception:  # never take the scan down
             logger.exception("retraining callback: could not queue run %s", doc.get("run_start"))
 
@@ -180,8 +184,10 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
     ``<data dir>/registry``), keep their corpus, training increments and policy state under
     ``<data dir>/retrain``, and record outcomes in ``catalog``. Environment: ``EDGE_PTYCHO_RETRAIN=0``
     turns this off; ``EDGE_PTYCHO_RETRAIN_EXECUTOR`` (``process``, ``thread``, ``dask``) picks
-    the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50). A model whose
-    SSIM against a new scan's labels is below :data:`MIN_SSIM` (0.85) is always retrained.
+    the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50);
+    ``EDGE_PTYCHO_RETRAIN_ADAPT`` the seconds of label-free adaptation of the deployed model on
+    every scan, labelled or not, before any labels (60; 0: off). A model whose SSIM against a new
+    scan's labels is below :data:`MIN_SSIM` (0.85) is always retrained.
     """
     if switched_off(os.environ.get(ENV_RETRAIN)):
         logger.info("retraining is off (%s=0)", ENV_RETRAIN)
@@ -191,15 +197,22 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
         epochs = int(epochs_text)
     except ValueError:
         raise ValueError(f"{ENV_EPOCHS}={epochs_text!r}: give the epochs per increment as an integer") from None
+    adapt_text = os.environ.get(ENV_ADAPT, str(ADAPT_SECONDS))
+    try:
+        adapt_seconds = float(adapt_text)
+    except ValueError:
+        raise ValueError(f"{ENV_ADAPT}={adapt_text!r}: give the seconds of label-free adaptation (0: off)") from None
     root = Path(storage.data_dir) / "retrain"
     config = JobConfig(storage=storage, registry_root=EdgeSessionConfig.from_env(storage.data_dir).registry,
                        corpus_dir=root / "corpus", workdir=root / "work",
                        train=TrainConfig(epochs=epochs, progress=False),
-                       policy=RetrainPolicyConfig(min_ssim=MIN_SSIM))
+                       policy=RetrainPolicyConfig(min_ssim=MIN_SSIM), adapt_seconds=adapt_seconds)
     callback = RetrainCallback(config, os.environ.get(ENV_EXECUTOR, "process"),
                                recorder=make_tiled_writer(catalog, storage),
                                state_path=root / "policy.json")
     RE.subscribe(callback)
-    logger.info("retraining on labelled scans: registry %s, executor %s", config.registry_root,
-                callback.status().get("executor"))
+    logger.info("retraining on labelled scans: registry %s, executor %s; %s", config.registry_root,
+                callback.status().get("executor"),
+                f"every scan first adapts the deployed model without labels for {adapt_seconds:.0f} s "
+                "(retrain.outcomes)" if adapt_seconds > 0 else "no label-free adaptation")
     return callback

@@ -548,3 +548,27 @@ def test_retraining_keeps_the_deployed_architecture_to_warm_start_from_it(tmp_pa
     name, kwargs = _architecture(config, mv)
     assert (name, kwargs) == ("ptychonn2-fast", {"nconv": 4, "n_levels": 3})
     build_model(name, **kwargs).load_state_dict(fast.state_dict())  # the warm start loads
+
+
+@pytest.mark.slow
+def test_every_scan_adapts_the_deployed_model_without_labels_first(RE, beamline, writer, storage_config,
+                                                                    tmp_path: Path) -> None:
+    """With ``adapt_seconds`` an unlabelled scan teaches the model too: the deployed (shipped) model
+    is fine-tuned on its frames with the physics loss and the outcome says so; no labels, no rPIE."""
+    from edge_ptycho_bluesky.training.shipped import init_registry
+
+    config = job_config(tmp_path, storage_config, NEVER_RETRAIN, adapt_seconds=8.0)
+    shipped = init_registry(config.registry_root)
+    RE.subscribe(writer)
+    cb = RetrainCallback(config, "thread")
+    RE.subscribe(cb)
+    try:
+        RE(labelled_scan(beamline, n=20, labelled=False))
+        assert cb.wait_idle(300)
+    finally:
+        cb.close()
+    (outcome,) = cb.outcomes  # the adaptation only: the scan is not labelled
+    assert outcome.status == "adapted" and outcome.model_before == shipped.version
+    assert outcome.published_version and "held-out physics loss" in outcome.reason
+    assert outcome.timings["adapt"] <= 8.0 + 5.0  # the time budget is kept (export and publish after it)
+    assert not (config.corpus_dir / "index.json").exists()  # nothing was labelled

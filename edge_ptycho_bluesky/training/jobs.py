@@ -44,10 +44,13 @@ import numpy as np
 from ..model.contract import InputContract
 from ..recon.labels import LabelledScan
 from ..stitching import stitch
+from ..options import is_real
+from ..runs import read_scan
 from ..storage import StorageConfig, StorageError, connect, get_run
 from .config import TrainConfig
 from .continual import ContinualTrainer
 from .corpus import INDEX_NAME, TrainingCorpus
+from .adapt import AdaptResult, adapt_scan
 from .labelling import label_run
 from .policy import Decision, RetrainPolicy, RetrainPolicyConfig
 from .registry import ModelRegistry
@@ -67,7 +70,7 @@ __all__ = [
 #: ``purpose`` of the derived runs that record job outcomes in Tiled.
 JOB_PURPOSE = "retraining_job"
 #: Every value of :attr:`JobResult.status` / ``JobOutcome.status``.
-STATUSES: tuple[str, ...] = ("validated", "trained", "retrained", "skipped", "failed")
+STATUSES: tuple[str, ...] = ("validated", "trained", "retrained", "adapted", "skipped", "failed")
 Status = Literal["validated", "trained", "retrained", "skipped", "failed"]
 _ACTION_STATUS = {"suspend": "validated", "train": "trained", "retrain": "retrained", "skip": "skipped"}
 
@@ -113,6 +116,9 @@ class JobConfig:
         Take the scan's labels from Tiled (a derived run ``purpose="rpie_labels"``, see
         :func:`edge_ptycho_bluesky.recon.labels.find_labels`) when there are some, instead of
         reconstructing it again.
+    adapt_seconds : float
+        Before any labels: fine-tune the deployed model on every scan's own frames with the physics
+        loss for this long (:func:`run_adaptation_job`, labelled or not); 0: off.
     """
 
     storage: StorageConfig
@@ -129,6 +135,7 @@ class JobConfig:
     ssim_floor: float = 1e-6
     max_ssim_drop: float = 0.05
     reuse_stored_labels: bool = True
+    adapt_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.storage, StorageConfig):
@@ -146,6 +153,9 @@ class JobConfig:
             raise ValueError(f"rpie_iterations must be None or an integer >= 1, got {self.rpie_iterations!r}")
         if not isinstance(self.nproc, int) or self.nproc < 1:
             raise ValueError(f"nproc must be an integer >= 1 (DDP processes), got {self.nproc!r}")
+        if not is_real(self.adapt_seconds) or self.adapt_seconds < 0:
+            raise ValueError(f"adapt_seconds must be a time >= 0 (0: no label-free adaptation), got "
+                             f"{self.adapt_seconds!r}")
         object.__setattr__(self, "rpie_options", dict(self.rpie_options))
         object.__setattr__(self, "model_kwargs", dict(self.model_kwargs))
 
@@ -521,7 +531,23 @@ def _train_and_publish(request: JobRequest, corpus: TrainingCorpus, registry: Mo
 
 
 # ---------------------------------------------------------------------------------------------
-# the job
+# the jobs
+
+
+def run_adaptation_job(request: JobRequest) -> AdaptResult | None:
+    """Label-free adaptation of the deployed model on the scan's own frames
+    (:func:`~edge_ptycho_bluesky.training.adapt.adapt_scan`, ``config.adapt_seconds``); None when
+    nothing is deployed. Raises as :func:`run_retraining_job` for an unreachable Tiled or a missing run."""
+    cfg = request.config
+    registry = ModelRegistry(cfg.registry_root)
+    if registry.current_version() is None:
+        return None
+    try:
+        scan = read_scan(get_run(_client(cfg.storage), request.scan_uid))
+    except Exception:
+        _forget_client(cfg.storage)
+        raise
+    return adapt_scan(scan, registry, seconds=cfg.adapt_seconds)
 
 
 def run_retraining_job(request: JobRequest) -> JobResult:

@@ -56,7 +56,7 @@ from edge_ptycho_bluesky.derived import emit_derived_run
 from edge_ptycho_bluesky.executors import executor_name, make_executor
 from edge_ptycho_bluesky.recon.labels import load_corpus, store_labels
 from edge_ptycho_bluesky.training.jobs import JOB_PURPOSE, JobConfig, JobRequest, JobResult, \
-    run_retraining_job
+    run_adaptation_job, run_retraining_job
 from edge_ptycho_bluesky.training.policy import RetrainPolicy
 
 logger = logging.getLogger(__name__)
@@ -76,11 +76,13 @@ class JobOutcome:
     ----------
     job_id : str
     scan_uid : str
-    status : {"validated", "trained", "retrained", "skipped", "failed"}
+    status : {"validated", "trained", "retrained", "adapted", "skipped", "failed"}
         ``validated``: the deployed model is within tolerance (reconstruction and retraining are
         now suspended until the next check); ``trained``/``retrained``: a new version was
-        published and deployed; ``skipped``: not reconstructed (suspended, or the scan failed);
-        ``failed``: every attempt raised (see ``errors``).
+        published and deployed; ``adapted``: label-free adaptation (``JobConfig.adapt_seconds``,
+        before any labels) ran, its version published (``published_version``; deployed when it
+        explains held-out frames better, see ``reason``); ``skipped``: not reconstructed
+        (suspended, or the scan failed); ``failed``: every attempt raised (see ``errors``).
     reason : str
         Why (the policy's explanation, or the last error).
     trigger : str
@@ -144,6 +146,7 @@ class _Ticket:
     queued_at: float = field(default_factory=time.time)
     job_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     skip_reason: str | None = None
+    labelled: bool = True
 
 
 class RetrainService:
@@ -271,16 +274,18 @@ class RetrainService:
 
     # -- queueing ----------------------------------------------------------------------------------
 
-    def submit(self, scan_uid: str, trigger: str = "submit", *, skip_reason: str | None = None) -> None:
-        """Queue a stored labelled scan by uid (e.g. from Tiled's notifications of new runs).
+    def submit(self, scan_uid: str, trigger: str = "submit", *, skip_reason: str | None = None,
+               labelled: bool = True) -> None:
+        """Queue a stored scan by uid (e.g. from Tiled's notifications of new runs).
 
         ``trigger`` is recorded with the outcome (see :class:`JobOutcome`). With ``skip_reason``
         (a scan that did not finish) no job runs: the scan is recorded as ``skipped`` with that
-        reason, in turn, on the dispatcher thread (recording may touch Tiled).
+        reason, in turn, on the dispatcher thread (recording may touch Tiled). A scan that is not
+        ``labelled`` only gets the label-free adaptation (when ``config.adapt_seconds`` > 0).
         """
         if not isinstance(scan_uid, str) or not scan_uid:
             raise ValueError(f"scan_uid must be a run uid, got {scan_uid!r}")
-        self._enqueue(_Ticket(scan_uid, trigger, skip_reason=skip_reason))
+        self._enqueue(_Ticket(scan_uid, trigger, skip_reason=skip_reason, labelled=labelled))
 
     def retry_failed(self) -> list[str]:
         """Queue every scan whose job failed again; return their uids."""
@@ -417,6 +422,10 @@ class RetrainService:
                 trigger=ticket.trigger, attempts=0, executor=executor_name(self.executor),
                 queued_at=ticket.queued_at, started_at=started, finished_at=time.time()))
             return
+        if self.config.adapt_seconds > 0:
+            self._adapt(ticket)
+        if not ticket.labelled:
+            return
         now = self._clock()
         if not self.policy.should_validate(now):
             decision = self.policy.record_skip(ticket.scan_uid, now=now)
@@ -464,16 +473,44 @@ class RetrainService:
             return
         self._fail(ticket, len(errors), errors, started)
 
-    def _submit(self, request: JobRequest) -> Any:
+    def _adapt(self, ticket: _Ticket) -> None:
+        """Label-free adaptation of the deployed model on the scan (one attempt; a failure is
+        recorded and the labelled path goes on)."""
+        started = time.time()
+        request = JobRequest(scan_uid=ticket.scan_uid, config=self.config, job_id=ticket.job_id)
+        logger.info("retraining: adapting the deployed model to scan %s without labels (%.0f s)", ticket.scan_uid,
+                    self.config.adapt_seconds)
+        common = dict(job_id=ticket.job_id, scan_uid=ticket.scan_uid, trigger=ticket.trigger,
+                      executor=executor_name(self.executor), queued_at=ticket.queued_at, started_at=started)
         try:
-            return self.executor.submit(self.job_fn, request)
+            result = self._submit(request, run_adaptation_job).result(timeout=self.job_timeout_s)
+        except Exception as exc:
+            self._record(JobOutcome(status="failed", reason=f"label-free adaptation: {type(exc).__name__}: {exc}",
+                                    attempts=1, errors=(f"{type(exc).__name__}: {exc}",), finished_at=time.time(),
+                                    **common))
+            return
+        if result is None:
+            self._record(JobOutcome(status="skipped", reason="label-free adaptation: no model deployed yet",
+                                    attempts=1, finished_at=time.time(), **common))
+            return
+        verdict = "deployed" if result.deployed else "not deployed: no better on held-out frames"
+        self._record(JobOutcome(
+            status="adapted", attempts=1, model_before=result.parent, published_version=result.version,
+            reason=(f"held-out physics loss {result.loss_before:.4g} -> {result.loss_after:.4g} in "
+                    f"{result.seconds:.0f} s ({verdict})"),
+            timings={"adapt": result.seconds}, finished_at=time.time(), **common))
+
+    def _submit(self, request: JobRequest, fn: Callable[[JobRequest], Any] | None = None) -> Any:
+        fn = fn or self.job_fn
+        try:
+            return self.executor.submit(fn, request)
         except BrokenProcessPool:
             if self._executor_kind is None:
                 raise
             logger.warning("retraining: the process pool broke (a worker died); starting a new one")
             self.executor.shutdown(wait=False)
             self.executor = make_executor(self._executor_kind, **self._executor_options)
-            return self.executor.submit(self.job_fn, request)
+            return self.executor.submit(fn, request)
 
     def _fail(self, ticket: _Ticket, attempts: int, errors: list[str], started: float) -> None:
         with self._cond:
