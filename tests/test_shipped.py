@@ -56,3 +56,5 @@ def test_a_scan_without_probe_adapts_with_the_probe_the_shipped_model_was_traine
                       exposure_s=0.01, uid="no-probe")  # no probe recorded, as the simulated detector's runs
     result = adapt_scan(scan, root, seconds=20, epochs=2)
     assert result.parent == shipped.version and np.isfinite(result.loss_after)
+    adapted = ModelRegistry(root).get(result.version)
+    np.testing.assert_array_equal(np.load(adapted.probe_path), np.load(shipped.probe_path))  # kept in the lineage

@@ -31,7 +31,7 @@ from ..model.onnx_weights import ptychonn2_from_onnx
 from ..model.ptychonn import load_model, phase_of
 from .config import TrainConfig
 from .loop import fit
-from .model_version import ModelVersion
+from .model_version import PROBE_NAME, ModelVersion
 from .physics import physics_loss, probe_for_inputs
 from .registry import ModelRegistry
 from .registry_checks import RegistryError
@@ -203,6 +203,8 @@ def adapt_scan(
     with tempfile.TemporaryDirectory(prefix="edge-ptycho-adapt-") as tmp:
         files = {"model.onnx": export_onnx(model.eval(), Path(tmp) / "model.onnx"),
                  "model.pt": save_state_dict(model, Path(tmp) / "model.pt")}
+        np.save(Path(tmp) / PROBE_NAME, np.asarray(probe, dtype=np.complex64))  # the lineage keeps its probe
+        files[PROBE_NAME] = Path(tmp) / PROBE_NAME
         new = registry.publish(files, parent=mv.version, training_data=[scan.uid] if scan.uid else [],
                                model=name, deploy=better, extra=extra,
                                notes=f"physics adaptation of {mv.version} on scan {scan.uid or '(file)'}")

@@ -60,7 +60,7 @@ from .loop import (
     load_state_dict,
     prepare_inputs,
 )
-from .model_version import ModelVersion
+from .model_version import PROBE_NAME, ModelVersion
 from .registry import ModelRegistry
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ class ContinualTrainer:
         self.increment = 0
         self.last_result: TrainResult | None = None
         self.parent_version: str | None = None
+        #: The probe of the warm-start version (``probe.npy``), carried to the versions published from it.
+        self.probe_path: Path | None = None
         self._trained = False
         self._published_for: int | None = None
 
@@ -212,6 +214,7 @@ class ContinualTrainer:
             )
         self.model.load_state_dict(load_state_dict(mv.torch_path), strict=True)
         self.parent_version = mv.version
+        self.probe_path = mv.probe_path  # published again with the new versions
         self._trained = True
         logger.info("warm start from registry version %s", mv.version)
         return mv
@@ -368,6 +371,8 @@ class ContinualTrainer:
             )
             files["model.onnx"] = onnx_path
             files["model.pt"] = save_state_dict(self.model, tmp_path / "model.pt")
+            if self.probe_path is not None:
+                files[PROBE_NAME] = self.probe_path
             if self.last_result is not None:
                 for ext, path in self.last_result.curves.items():
                     if path.is_file():
