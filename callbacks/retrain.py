@@ -46,8 +46,9 @@ ENV_RETRAIN = "EDGE_PTYCHO_RETRAIN"
 ENV_EXECUTOR = "EDGE_PTYCHO_RETRAIN_EXECUTOR"
 ENV_EPOCHS = "EDGE_PTYCHO_RETRAIN_EPOCHS"
 ENV_ADAPT = "EDGE_PTYCHO_RETRAIN_ADAPT"
-#: Default seconds of label-free adaptation per scan in the profile (`EDGE_PTYCHO_RETRAIN_ADAPT`).
-ADAPT_SECONDS = 60.0
+#: Default seconds of label-free adaptation per scan in the profile (`EDGE_PTYCHO_RETRAIN_ADAPT`): off,
+#: since it does not yet improve the image reliably (docs/benchmarks.md, "Label-free adaptation").
+ADAPT_SECONDS = 0.0
 #: :func:`start_retraining` retrains a model whose SSIM against new labels is below this, even when
 #: it is within tolerance of its own expected level (a poor first model must not be kept forever).
 MIN_SSIM = 0.85
@@ -186,7 +187,7 @@ def start_retraining(RE: Any, catalog: Any, storage: Any) -> RetrainCallback | N
     turns this off; ``EDGE_PTYCHO_RETRAIN_EXECUTOR`` (``process``, ``thread``, ``dask``) picks
     the executor; ``EDGE_PTYCHO_RETRAIN_EPOCHS`` the epochs per increment (50);
     ``EDGE_PTYCHO_RETRAIN_ADAPT`` the seconds of label-free adaptation of the deployed model on
-    every scan, labelled or not, before any labels (60; 0: off). A model whose SSIM against a new
+    every scan, labelled or not, before any labels (default 0: off). A model whose SSIM against a new
     scan's labels is below :data:`MIN_SSIM` (0.85) is always retrained.
     """
     if switched_off(os.environ.get(ENV_RETRAIN)):

@@ -43,9 +43,11 @@ logger = logging.getLogger(__name__)
 #: Share of a scan's frames held out for the deployment decision.
 HELD_OUT_FRACTION = 0.2
 #: The training settings of an adaptation (``loss``, ``epochs`` and the time budget are set per call):
-#: fine-tuning, so a learning rate 10x below training from scratch; overlapping predictions agree.
+#: fine-tuning, so a learning rate 10x below training from scratch; overlapping predictions must
+#: agree strongly (weight 30: of 1, 30 and 100 the only one that improved the shipped model's image
+#: of an unseen scan at overlap 0.9, docs/benchmarks.md "Label-free adaptation").
 DEFAULT_CONFIG = TrainConfig(batch_size=16, lr_min=1e-5, lr_max=5e-5, half_cycle_epochs=3, val_fraction=0.1,
-                             device="cpu", progress=False, consistency_weight=1.0)
+                             device="cpu", progress=False, consistency_weight=30.0)
 
 
 @dataclass(frozen=True)
