@@ -30,6 +30,7 @@ def scan() -> PtychoScan:
 
 
 def small_registry(tmp_path, seed: int = 0) -> ModelRegistry:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = PtychoNN2(nconv=4, n_levels=3)
     registry = ModelRegistry(tmp_path / "models")
@@ -72,6 +73,9 @@ def test_the_command_prints_one_json_line_and_refuses_a_scan_without_probe(scan,
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {"version", "loss_before", "loss_after", "seconds", "deployed"} <= set(line)
     assert line["frames_skipped"] == 2 and line["seconds"] < 30
+    # the adapted version keeps the probe it was adapted with: a later scan without one can use it
+    assert registry.get(line["version"]).probe_path is not None
+    fresh = small_registry(tmp_path / "fresh")  # a model without a probe, a scan without one
     bare = PtychoScan(frames=scan.frames, positions_m=scan.positions_m, geometry=scan.geometry).to_cxi(tmp_path / "bare.cxi")
-    assert main(["adapt", str(bare), "--registry", str(registry.root)]) == 1
+    assert main(["adapt", str(bare), "--registry", str(fresh.root)]) == 1
     assert "--probe FILE.npy" in capsys.readouterr().err
