@@ -123,7 +123,6 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     extent = config.step_um * np.sqrt(max(config.train_points, config.test_points)) + 0.1
     train_line = make_simulated_beamline(storage.frames_dir, sample="train", extent_um=extent, seed=config.seed)
     test_line = make_simulated_beamline(storage.frames_dir, sample="test", extent_um=extent, seed=config.seed + 1)
-    second_line = make_simulated_beamline(storage.frames_dir, sample="train", extent_um=extent, seed=config.seed + 2)
 
     logger.info("stage 1: training scan (%d points), stored in Tiled and replayed", config.train_points)
     train_uid = _scan(RE, train_line, config, config.train_points, "train")
@@ -191,6 +190,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             if config.full:
                 logger.info("stage 6: a second labelled scan drives validation and retraining (RE only)")
                 RE.subscribe(retrain)
+                second_line = make_simulated_beamline(storage.frames_dir, sample="train", extent_um=extent,
+                                                      seed=config.seed + 2)
                 second_uid = _scan(RE, second_line, config, config.train_points, "train")
                 _wait(retrain)
                 versions = [o.published_version for o in retrain.outcomes if o.published_version]

@@ -12,7 +12,6 @@ and inferred offline on exactly the input the edge worker gives the network live
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -130,10 +129,3 @@ class InputContract:
         if factors is not None:
             x *= factors[:, None, None, None]
         return x
-
-    def describe(self) -> str:
-        """One line for logs: ``scale 0.01, training exposure 0.1 s``."""
-        parts = [f"scale {self.scale:g}" if self.scale is not None else "raw counts"]
-        if self.exposure_s is not None and math.isfinite(self.exposure_s):
-            parts.append(f"training exposure {self.exposure_s:g} s")
-        return ", ".join(parts)
