@@ -29,7 +29,8 @@ equality slightly; that is the only approximation.
 
 Rank 0 writes into ``--out``: ``model.pt`` (best-validation state dict, for
 ``torch.load(weights_only=True)``), ``result.json`` (:meth:`TrainResult.to_json_dict`) and the
-loss curves ``curves.png/.json/.csv``.
+loss curves ``curves.png/.json/.csv``. Every rank then touches ``rank<N>.done``: a torchrun
+that exits nonzero during gloo's teardown, after every rank finished and saved, keeps its result.
 
 The options of the entry point are defined in :mod:`edge_ptycho_bluesky.training.ddp_cli`.
 """
@@ -112,10 +113,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             logger.info("rank 0 wrote %s and %s", args.out / MODEL_FILE, args.out / RESULT_FILE)
         if info.distributed:
             dist.barrier()
+        # Training is finished and saved: say so before the process group's teardown, which
+        # gloo can abort ("terminate called without an active exception") after the work is done.
+        (args.out / _done_file(info.rank)).touch()
     finally:
         if info.distributed and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def _done_file(rank: int) -> str:
+    return f"rank{rank}.done"
 
 
 def run_torchrun(
@@ -194,12 +202,18 @@ def run_torchrun(
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     src = str(Path(__file__).resolve().parents[2])
     run_env["PYTHONPATH"] = os.pathsep.join(p for p in (src, run_env.get("PYTHONPATH")) if p)
+    for stale in [out / RESULT_FILE, *(out / _done_file(r) for r in range(nproc))]:
+        stale.unlink(missing_ok=True)
     logger.info("launching: %s", " ".join(cmd))
     proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=timeout_s,
                           check=False)
+    finished = all((out / _done_file(r)).is_file() for r in range(nproc))
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-4000:]
-        raise RuntimeError(f"torchrun exited with status {proc.returncode}:\n{tail}")
+        if not (finished and (out / RESULT_FILE).is_file()):
+            raise RuntimeError(f"torchrun exited with status {proc.returncode}:\n{tail}")
+        logger.warning("torchrun exited with status %d after every rank had finished and saved; "
+                       "the result is kept. Its output's tail:\n%s", proc.returncode, tail[-1000:])
     data = json.loads((out / RESULT_FILE).read_text(encoding="utf-8"))
     state = load_state_dict(out / MODEL_FILE)
     result = TrainResult.from_json_dict(data, state)
