@@ -237,6 +237,44 @@ class RPIEReconstructor:
         self._pending.clear()
         self._plan = None
 
+    def seed_object(self, corner: tuple[int, int], values: ArrayLike, where: ArrayLike) -> None:
+        """Set the object at ``corner`` (row, col) to ``values`` (h, w) complex where ``where`` is true.
+
+        For a starting estimate of newly covered area (e.g. a network's phase patch) while frames
+        keep arriving; pixels outside ``where`` keep their current value.
+
+        Raises
+        ------
+        ValueError
+            Shapes that differ, NaN/inf values, or a region outside the object.
+        """
+        vals = np.asarray(values)
+        mask = np.asarray(where, dtype=bool)
+        if vals.ndim != 2 or mask.shape != vals.shape:
+            raise ValueError(f"values {vals.shape} and where {mask.shape} must be the same 2-D shape")
+        if not np.isfinite(vals).all():
+            raise ValueError("seed values contain NaN/inf")
+        r, c = (int(v) for v in corner)
+        h, w = vals.shape
+        if r < 0 or c < 0 or r + h > self.object_shape[0] or c + w > self.object_shape[1]:
+            raise ValueError(f"a {h} x {w} seed at {(r, c)} leaves the {self.object_shape} object")
+        region = self._object[r:r + h, c:c + w]
+        sel = torch.as_tensor(mask, device=self.device)
+        region[sel] = torch.as_tensor(vals.astype(np.complex64), device=self.device)[sel]
+
+    def drop_oldest(self, count: int) -> None:
+        """Forget the ``count`` oldest frames (their contribution stays in the object): a bounded
+        frame buffer for long streams."""
+        self._merge_pending()
+        count = min(int(count), len(self._positions))
+        if count <= 0 or self._amp is None:
+            return
+        gone = self._amp[:count]
+        self._total_intensity -= float(gone.square().sum(dtype=torch.float64))
+        self._amp = self._amp[count:].contiguous()
+        self._positions = self._positions[count:]
+        self._plan = None
+
     # ------------------------------------------------------------------ planning
 
     def _build_plan(self) -> dict[str, Any]:
