@@ -208,3 +208,60 @@ def test_infer_a_run_stored_in_tiled(RE, beamline, tiled_client, storage_config,
     rc = _run(["infer", "0123456789abcdef-no-such-run", "--registry", str(tiny_registry),
                "--out", str(tmp_path / "none.cxi")])
     assert rc != 0 and "no run" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def dense_scan(tmp_path_factory):
+    """A 60-point scan at overlap 0.9 as CXI (with its probe), and its sample (the truth)."""
+    sample = make_sample("test", extent_um=0.5, seed=2, beam_diameter_nm=800)
+    xy_um = fermat_spiral(60, step_for_overlap(0.9, 0.8))
+    frames = sample.measure(xy_um, 0.01, rng=0)
+    scan = PtychoScan(frames=frames, positions_m=xy_um * 1e-6, geometry=sample.geometry,
+                      probe=sample.probe, uid="sim-dense-60", exposure_s=0.01)
+    return write_cxi(tmp_path_factory.mktemp("dense") / "dense.cxi", scan), sample, xy_um
+
+
+def test_refine_writes_an_iterative_image_beside_the_ai_one(dense_scan, tiny_registry, tmp_path, capsys):
+    from edge_ptycho_bluesky.metrics import compare
+
+    path, sample, xy_um = dense_scan
+    out = tmp_path / "refined.cxi"
+    assert _run(["infer", str(path), "--registry", str(tiny_registry), "--out", str(out), "--refine", "3"]) == 0
+    assert "image_2" in capsys.readouterr().out
+    with h5py.File(out, "r") as f:
+        ai = f["/entry_1/image_1/data"][()]
+        image2 = f["/entry_1/image_2"]
+        refined = image2["data"][()]
+        assert refined.dtype == np.float32 and refined.shape == ai.shape
+        assert 0 < image2.attrs["refine_seconds"] <= 4 and image2.attrs["sweeps"] >= 3
+        assert image2.attrs["frame_updates_per_s"] > 0 and image2.attrs["probe_source"] == "scan"
+    # The truth on the file's grid: the file's window corners are the sample's, shifted by whole pixels.
+    corners, shape = read_cxi(path).to_window_positions()
+    shift = np.rint(sample.window_positions(xy_um) - corners).astype(int)
+    assert (shift == shift[0]).all()
+    r, c = shift[0]
+    truth = np.pad(sample.phase, 200)[200 + r:200 + r + shape[0], 200 + c:200 + c + shape[1]]
+    mask = np.zeros(shape, dtype=bool)
+    for rr, cc in np.floor(corners).astype(int):
+        mask[rr + 40:rr + 88, cc + 40:cc + 88] = True
+    refined_ssim, ai_ssim = compare(truth, refined, mask)["ssim"], compare(truth, ai, mask)["ssim"]
+    assert refined_ssim > 0.8 and refined_ssim > ai_ssim + 0.3, (refined_ssim, ai_ssim)
+
+
+def test_refine_without_any_probe_says_how_to_give_one(tiny_registry, tmp_path, capsys):
+    sample = make_sample("test", extent_um=0.3, seed=0)
+    xy_um = fermat_spiral(8, step_for_overlap(0.9, 0.8))
+    scan = PtychoScan(frames=sample.measure(xy_um, 0.01, rng=0), positions_m=xy_um * 1e-6,
+                      geometry=sample.geometry, uid="no-probe")
+    path = write_cxi(tmp_path / "noprobe.cxi", scan)
+    out = tmp_path / "out.cxi"
+    assert _run(["infer", str(path), "--registry", str(tiny_registry), "--out", str(out), "--refine", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "no probe" in err and "--probe FILE.npy" in err
+    assert not out.exists()
+    # With --probe it works.
+    np.save(tmp_path / "probe.npy", sample.probe)
+    assert _run(["infer", str(path), "--registry", str(tiny_registry), "--out", str(out), "--refine", "0.5",
+                 "--probe", str(tmp_path / "probe.npy")]) == 0
+    with h5py.File(out, "r") as f:
+        assert f["/entry_1/image_2"].attrs["probe_source"].endswith("probe.npy")

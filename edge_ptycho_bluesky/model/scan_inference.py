@@ -25,6 +25,11 @@ carries a probe, and written to ``OUT.cxi`` together with the scan:
 
 Attributes of ``/entry_1/image_1``: ``model_version``, ``model_sha256``, ``registry``,
 ``engine``, ``count_scale``, ``source`` (input path or uid) and ``n_frames``.
+
+With a refinement (:func:`refine_result`, ``edge-ptycho infer --refine SECONDS``) the file also holds
+``/entry_1/image_2/data``: the AI-seeded rPIE phase (float32 radians, on the grid of
+``image_1``; see :mod:`edge_ptycho_bluesky.recon.streaming`), with attributes ``refine_seconds``,
+``sweeps``, ``frame_updates_per_s``, ``probe_source`` and ``data_type`` ``"phase"``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ from numpy.typing import NDArray
 
 from .. import FRAME_SIZE
 from ..io.cxi import PtychoScan, read_cxi, write_cxi
+from ..recon.streaming import RefinedImage, RefineOptions, refine_scan
 from ..runs import read_scan
 from ..stitching import stitch
 from ..storage import StorageConfig, connect, get_run
@@ -50,7 +56,8 @@ from .engines import load_engine
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FILE_SUFFIXES", "InferenceResult", "LoadedScan", "infer_scan", "load_scan", "write_result"]
+__all__ = ["FILE_SUFFIXES", "InferenceResult", "LoadedScan", "infer_scan", "load_scan", "refine_result",
+           "refinement_probe", "write_result"]
 
 #: Suffixes treated as file paths (never as run uids) when the file does not exist.
 FILE_SUFFIXES = (".cxi", ".h5", ".hdf5", ".nxs")
@@ -252,8 +259,52 @@ def infer_scan(
                            engine=eng.name, count_scale=contract.scale, seconds=seconds)
 
 
-def write_result(path: str | Path, loaded: LoadedScan, result: InferenceResult, *, registry: str | Path = "") -> Path:
-    """Write the scan and the AI phase (see the module notes for the layout) to a new CXI file."""
+def refinement_probe(loaded: LoadedScan, registry: str | Path, version: str,
+                     probe_file: str | Path | None = None) -> tuple[NDArray[np.complex64], str]:
+    """The probe for a refinement and where it came from: ``probe_file`` (a ``.npy``), else the
+    scan's own (a CXI illumination or the run's metadata), else the model version's ``probe.npy``.
+
+    Raises
+    ------
+    ValueError
+        No probe anywhere (the message says how to give one), or one that does not match the frames.
+    """
+    n = loaded.scan.frames.shape[-1]
+    if probe_file is not None:
+        probe, source = np.load(probe_file), str(probe_file)
+    elif loaded.scan.probe is not None:
+        probe, source = loaded.scan.probe, "scan"
+    else:
+        path = ModelRegistry(registry, create=False).get(version).probe_path
+        if path is None:
+            raise ValueError(
+                "no probe to refine with: the scan records none (a CXI file's "
+                "/entry_1/instrument_1/source_1/illumination, or the run's probe) and model version "
+                f"{version} has no probe.npy; pass --probe FILE.npy (e.g. the probe of an rPIE "
+                "reconstruction: `edge-ptycho recon` writes it as the output's illumination)")
+        probe, source = np.load(path), f"model {version}"
+    probe = np.asarray(probe)
+    if probe.ndim == 3:
+        probe = probe[0]
+    if probe.shape != (n, n) or not np.isfinite(probe).all():
+        raise ValueError(f"the probe from {source} is {probe.shape} (or not finite); the frames are {n} x {n}")
+    return probe.astype(np.complex64), source
+
+
+def refine_result(loaded: LoadedScan, result: InferenceResult, probe: NDArray[np.complex64], *,
+                  seconds: float, options: RefineOptions | None = None) -> RefinedImage:
+    """AI-seeded rPIE of the whole scan for ``seconds``, on the grid of ``result.image``."""
+    beam_px = None
+    if loaded.scan.beam_diameter_nm is not None:
+        beam_px = float(loaded.scan.beam_diameter_nm) / loaded.scan.geometry.pixel_size_nm
+    return refine_scan(loaded.scan.frames, loaded.positions, result.patches, result.image.shape, probe,
+                       seconds=seconds, beam_diameter_px=beam_px, options=options)
+
+
+def write_result(path: str | Path, loaded: LoadedScan, result: InferenceResult, *, registry: str | Path = "",
+                 refined: RefinedImage | None = None, probe_source: str = "") -> Path:
+    """Write the scan and the AI phase (and the refined phase, when given; see the module notes
+    for the layout) to a new CXI file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -279,6 +330,16 @@ def write_result(path: str | Path, loaded: LoadedScan, result: InferenceResult, 
         }
         for key, value in attrs.items():
             image.attrs[key] = value
+        if refined is not None:
+            image2 = f.create_group("entry_1/image_2")
+            image2.create_dataset("data", data=refined.phase.astype(np.float32))
+            image2.create_dataset("x_pixel_size", data=pixel_m)
+            image2.create_dataset("y_pixel_size", data=pixel_m)
+            image2.create_dataset("data_type", data="phase")
+            image2.attrs["refine_seconds"] = refined.seconds
+            image2.attrs["sweeps"] = refined.sweeps
+            image2.attrs["frame_updates_per_s"] = refined.frame_updates_per_s
+            image2.attrs["probe_source"] = probe_source
     tmp.replace(path)
     logger.info("wrote %s (%d patches, image %s, model %s)", path, len(result.patches),
                 result.image.shape, result.version)

@@ -49,10 +49,11 @@ from scipy.ndimage import uniform_filter
 
 from ..options import check_known_keys
 from ..stitching import IncrementalStitcher
+from ..sim.probe import beam_diameter_nm
 from .reconstructor import RPIEReconstructor
 from .rpie_options import RPIEOptions
 
-__all__ = ["RefineOptions", "StreamingRefiner"]
+__all__ = ["RefineOptions", "RefinedImage", "StreamingRefiner", "refine_scan"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,8 +165,9 @@ class StreamingRefiner:
         Object canvas (rows, cols); window corners are canvas pixels.
     probe : (N, N) complex
         The probe in sqrt(counts) per pixel per frame, as rPIE takes it.
-    beam_diameter_px : float
-        Beam diameter in canvas pixels (the square over which the frame density is averaged).
+    beam_diameter_px : float, optional
+        Beam diameter in canvas pixels (the square over which the frame density is averaged);
+        None: the probe's own (the disk holding 90 % of its power).
     options : RefineOptions, optional
 
     Examples
@@ -176,7 +178,7 @@ class StreamingRefiner:
     >>> ref.refine(seconds=10); phase = ref.image                     # doctest: +SKIP
     """
 
-    def __init__(self, shape: tuple[int, int], probe: ArrayLike, *, beam_diameter_px: float,
+    def __init__(self, shape: tuple[int, int], probe: ArrayLike, *, beam_diameter_px: float | None = None,
                  options: RefineOptions | None = None) -> None:
         self.options = options if options is not None else RefineOptions()
         p = np.asarray(probe)
@@ -184,6 +186,8 @@ class StreamingRefiner:
             p = p[0]
         if p.ndim != 2 or p.shape[0] != p.shape[1] or not np.isfinite(p).all() or not np.abs(p).max() > 0:
             raise ValueError(f"probe must be a finite, non-zero (N, N) complex array, got shape {p.shape}")
+        if beam_diameter_px is None:
+            beam_diameter_px = beam_diameter_nm(p, 1.0)
         if not beam_diameter_px > 0:
             raise ValueError(f"beam_diameter_px must be positive, got {beam_diameter_px!r}")
         self.shape = (int(shape[0]), int(shape[1]))
@@ -191,7 +195,7 @@ class StreamingRefiner:
         self.n = p.shape[0]
         self.beam_diameter_px = float(beam_diameter_px)
         self._lit = np.abs(p) > SEED_THRESHOLD * np.abs(p).max()
-        self._rec = RPIEReconstructor(self.shape, probe=p, options=self.options.rpie_options())
+        self._rec: RPIEReconstructor | None = None  # made at the first frames (probe scaled to them)
         self._probe_refining = False
         self._ai: IncrementalStitcher | None = None
         self._seen = np.zeros(self.shape, dtype=bool)
@@ -243,6 +247,7 @@ class StreamingRefiner:
         if not ok.any():
             return 0
         f, pos = f[ok], pos[ok]
+        rec = self._reconstructor(f)
         for r, c in corner[ok].astype(np.int64):
             self._lit_sum[r:r + self.n, c:c + self.n] += self._intensity
         if ph is not None:
@@ -251,13 +256,25 @@ class StreamingRefiner:
         else:
             for r, c in corner[ok].astype(np.int64):
                 self._seen[r:r + self.n, c:c + self.n] |= self._lit
-        self._rec.add_frames(f, pos)
+        rec.add_frames(f, pos)
         self._received += len(f)
-        excess = self._rec.num_frames - self.options.buffer_frames
+        excess = rec.num_frames - self.options.buffer_frames
         if excess > 0:
-            self._rec.drop_oldest(excess)
+            rec.drop_oldest(excess)
         self.stats.frames_used = self._received
         return int(ok.sum())
+
+    def _reconstructor(self, frames: NDArray[np.float32]) -> RPIEReconstructor:
+        """The rPIE engine, made at the first frames with the probe scaled to their counts: for an
+        object of unit amplitude a frame holds sum |P|^2 counts, so that the network's patches
+        (phase only, amplitude 1) are seeds on the data's scale whatever units the probe came in."""
+        if self._rec is None:
+            power = float(np.sum(np.abs(self.probe) ** 2))
+            counts = float(np.median(frames.sum(axis=(1, 2))))
+            if counts > 0:
+                self.probe = (self.probe * np.sqrt(counts / power)).astype(np.complex64)
+            self._rec = RPIEReconstructor(self.shape, probe=self.probe, options=self.options.rpie_options())
+        return self._rec
 
     def _seed(self, pos: NDArray[np.float64], patches: NDArray[np.float32]) -> None:
         h, w = patches.shape[1:]
@@ -279,7 +296,7 @@ class StreamingRefiner:
 
     def sweep(self) -> float:
         """One rPIE iteration over the buffered frames; returns its normalised amplitude error."""
-        if self._rec.num_frames == 0:
+        if self._rec is None or self._rec.num_frames == 0:
             return math.nan
         after = self.options.probe_refine_after
         if after is not None and not self._probe_refining and self._received >= after:
@@ -305,7 +322,7 @@ class StreamingRefiner:
             raise ValueError(f"seconds must be a finite number >= 0, got {seconds!r}")
         deadline = time.perf_counter() + seconds
         done, previous = 0, math.inf
-        while time.perf_counter() < deadline and self._rec.num_frames:
+        while time.perf_counter() < deadline and self._rec is not None and self._rec.num_frames:
             error = self.sweep()
             done += 1
             if math.isfinite(previous) and abs(previous - error) < tol * previous:
@@ -315,6 +332,11 @@ class StreamingRefiner:
         return done
 
     # ------------------------------------------------------------------ images
+
+    @property
+    def buffered_frames(self) -> int:
+        """Frames in the buffer that the sweeps visit."""
+        return 0 if self._rec is None else self._rec.num_frames
 
     @property
     def density(self) -> NDArray[np.float32]:
@@ -328,13 +350,13 @@ class StreamingRefiner:
 
     @property
     def object(self) -> NDArray[np.complex64]:
-        """The refined complex object (before blending with the AI mosaic)."""
-        return self._rec.object
+        """The refined complex object (before blending with the AI mosaic; ones before any frame)."""
+        return np.ones(self.shape, np.complex64) if self._rec is None else self._rec.object
 
     @property
     def image(self) -> NDArray[np.float32]:
         """The refined phase, blended with the AI mosaic where the frame density is low."""
-        obj = self._rec.object
+        obj = self.object
         if self._ai is None:
             return np.angle(obj).astype(np.float32)
         o = self.options
@@ -347,3 +369,34 @@ class StreamingRefiner:
         amp = np.abs(obj)
         blended = trust * obj / np.maximum(amp, 1e-12) + (1.0 - trust) * ai
         return np.angle(blended).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class RefinedImage:
+    """A whole scan refined at once (:func:`refine_scan`): the phase and what it took."""
+
+    phase: NDArray[np.float32]
+    stats: dict[str, Any]
+
+    @property
+    def sweeps(self) -> int:
+        return int(self.stats["sweeps"])
+
+    @property
+    def seconds(self) -> float:
+        return float(self.stats["seconds"])
+
+    @property
+    def frame_updates_per_s(self) -> float:
+        return float(self.stats["frame_updates_per_s"])
+
+
+def refine_scan(frames: ArrayLike, corners: ArrayLike, patches: ArrayLike | None, shape: tuple[int, int],
+                probe: ArrayLike, *, seconds: float, beam_diameter_px: float | None = None,
+                options: RefineOptions | None = None) -> RefinedImage:
+    """Refine a stored scan with its AI patches for ``seconds`` (what ``edge-ptycho infer
+    --refine`` and ``edge-ptycho reproduce`` run): all frames at once, then sweeps."""
+    ref = StreamingRefiner(shape, probe, beam_diameter_px=beam_diameter_px, options=options)
+    ref.add(frames, corners, patches)
+    ref.refine(seconds)
+    return RefinedImage(phase=ref.image, stats=ref.stats.to_dict())
