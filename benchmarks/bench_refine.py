@@ -1,0 +1,161 @@
+"""Streaming, AI-seeded rPIE: image quality against the truth, speed, and what it costs the AI path.
+
+Quality (per overlap): a photon-counted Fermat-spiral scan of letters (features the shipped model
+never saw) arrives at ``--rate`` Hz in chunks; the shipped model infers each frame; a
+:class:`~edge_ptycho_bluesky.recon.streaming.StreamingRefiner` takes frames and patches as they
+arrive and sweeps in between, then refines for ``--seconds`` after the last frame. SSIM against
+the truth (mean phase removed, over the scanned hull) of: the AI mosaic alone; rPIE alone, the same
+refiner fed the same frames on the same schedule without the network's patches (the same time and
+the same code); and the refined image, at 1, 2, 5 and 10 s after the last frame.
+
+Speed: frame-updates per second of the sweeps at overlap 0.9 (128 x 128 frames).
+
+AI path under load (``--latency``): ``bench_stream.py`` at 500 Hz (publisher -> worker -> stitched
+patch over loopback pvAccess), once alone and once while a refiner process sweeps a scan with its
+default one thread; the p99 latencies are compared.
+
+    .venv/bin/python benchmarks/bench_refine.py [--overlaps 0.9,0.3,0] [--points 200] [--seconds 10]
+                                                [--rate 500] [--threads 2] [--latency] [--json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edge_ptycho_bluesky.metrics import compare
+from edge_ptycho_bluesky.model import load_model
+from edge_ptycho_bluesky.recon.streaming import RefineOptions, StreamingRefiner
+from edge_ptycho_bluesky.reproduce import BEAM_UM, simulate_scan
+from edge_ptycho_bluesky.sim import step_for_overlap
+from edge_ptycho_bluesky.training.evaluate import predict_phases
+from edge_ptycho_bluesky.training.shipped import init_registry
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from records import record, write_json  # noqa: E402  (benchmarks/records.py)
+
+CHECKPOINTS_S = (1.0, 2.0, 5.0, 10.0)
+
+
+def stream(scan, patches, rate: float, seconds: float, threads: int, chunk: int = 20):
+    """Feed the scan at ``rate`` Hz (sweeping while waiting), then refine; SSIM at the checkpoints."""
+    beam_px = BEAM_UM * 1e3 / scan.sample.geometry.pixel_size_nm
+    ref = StreamingRefiner(scan.truth.shape, scan.sample.probe, beam_diameter_px=beam_px,
+                           options=RefineOptions(threads=threads, tolerance=0.0))
+    mask = scan.mask()
+    start = time.perf_counter()
+    for i in range(0, len(scan.frames), chunk):
+        due = start + (i + chunk) / rate
+        ref.add(scan.frames[i:i + chunk], scan.positions[i:i + chunk],
+                None if patches is None else patches[i:i + chunk])
+        while time.perf_counter() < due:
+            ref.sweep()
+    during = ref.stats.sweeps
+    scores, elapsed = {}, 0.0
+    for checkpoint in (c for c in CHECKPOINTS_S if c <= seconds) if seconds else ():
+        ref.refine(checkpoint - elapsed)
+        elapsed = checkpoint
+        scores[checkpoint] = float(compare(scan.truth, ref.image, mask)["ssim"])
+    if seconds and seconds not in scores:
+        ref.refine(seconds - elapsed)
+        scores[seconds] = float(compare(scan.truth, ref.image, mask)["ssim"])
+    return ref, during, scores
+
+
+def quality(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        mv = init_registry(Path(tmp) / "models")
+        model, scale = load_model(mv.torch_path, mv.manifest["model"]), mv.input_scale
+    print(f"{'overlap':>7} {'frames':>6} {'AI':>6} {'rPIE':>6} {'refined':>7}   refined at "
+          + ", ".join(f"{c:g}" for c in CHECKPOINTS_S) + " s after the last frame;  frame-updates/s")
+    for overlap in (float(o) for o in args.overlaps.split(",")):
+        step = step_for_overlap(overlap, BEAM_UM) if overlap > 0 else BEAM_UM
+        scan = simulate_scan("test", args.points, step, seed=11)
+        patches = predict_phases(model, scan.frames, count_scale=scale, batch_size=64)
+        ref, during, refined = stream(scan, patches, args.rate, args.seconds, args.threads)
+        ai = float(compare(scan.truth, ref.ai_image, scan.mask())["ssim"])
+        alone, _, rpie = stream(scan, None, args.rate, args.seconds, args.threads)
+        final = refined[args.seconds]
+        print(f"{overlap:>7g} {args.points:>6d} {ai:>6.3f} {rpie[args.seconds]:>6.3f} {final:>7.3f}   "
+              + ", ".join(f"{v:.3f}" for v in refined.values())
+              + f";  {ref.stats.frame_updates_per_s:,.0f} ({during} sweeps during the scan, "
+              f"{ref.stats.sweeps} in all)")
+        record("refine", model=mv.manifest["model"], rate=args.rate, ssim=final, overlap=overlap,
+               frames_published=args.points, ssim_ai=ai, ssim_rpie_alone=rpie[args.seconds],
+               ssim_refined_at=refined, refine_seconds=args.seconds, threads=args.threads,
+               frame_updates_per_s=ref.stats.frame_updates_per_s, sweeps=ref.stats.sweeps,
+               sweeps_during_scan=during, rpie_alone_sweeps=alone.stats.sweeps)
+
+
+def load(seconds: float) -> int:
+    """Background refiner (one thread) sweeping a dense scan for ``seconds`` (the --latency load)."""
+    scan = simulate_scan("test", 200, step_for_overlap(0.9, BEAM_UM), seed=11)
+    ref = StreamingRefiner(scan.truth.shape, scan.sample.probe, options=RefineOptions(tolerance=0.0))
+    ref.add(scan.frames, scan.positions)
+    ref.refine(seconds)
+    print(json.dumps(ref.stats.to_dict()))
+    return 0
+
+
+def latency(args: argparse.Namespace) -> None:
+    here = Path(__file__).resolve().parent
+    results = {}
+    for label in ("alone", "with refiner"):
+        background = None
+        if label == "with refiner":
+            background = subprocess.Popen([sys.executable, __file__, "--role", "load", "--seconds", "60"],
+                                          stdout=subprocess.PIPE, text=True)
+            time.sleep(5)  # let it build its scan and start sweeping
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            subprocess.run([sys.executable, str(here / "bench_stream.py"), "--rates", "500",
+                            "--dynamic-batch", "--json", out.name], check=True)
+            rec = json.loads(Path(out.name).read_text())[0]
+        if background is not None:
+            background.terminate()
+            background.wait()
+        results[label] = rec
+        print(f"AI path at 500 Hz, {label}: p50 {rec['latency_p50_ms']:.1f} ms, p99 "
+              f"{rec['latency_p99_ms']:.1f} ms, {rec['frames_inferred']}/{rec['frames_published']} inferred")
+    base, loaded = results["alone"]["latency_p99_ms"], results["with refiner"]["latency_p99_ms"]
+    print(f"p99 with the refiner running: {100 * (loaded / base - 1):+.0f} %")
+    record("refine-latency", engine=results["alone"].get("engine"), model=results["alone"].get("model"),
+           rate=500, latency_p50_ms=results["with refiner"]["latency_p50_ms"], latency_p99_ms=loaded,
+           frames_published=results["with refiner"]["frames_published"],
+           frames_inferred=results["with refiner"]["frames_inferred"], latency_p99_ms_alone=base,
+           latency_p50_ms_alone=results["alone"]["latency_p50_ms"])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--overlaps", default="0.9,0.3,0")
+    parser.add_argument("--points", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=10.0, help="refinement after the last frame")
+    parser.add_argument("--rate", type=float, default=500.0, help="frame rate of the simulated scan (Hz)")
+    parser.add_argument("--threads", type=int, default=2, help="the refiner's torch threads")
+    parser.add_argument("--latency", action="store_true", help="also measure the AI path's latency under load")
+    parser.add_argument("--quick", action="store_true", help="overlap 0.9 only, 5 s, no latency run")
+    parser.add_argument("--json", default=None, help="write the records (bench.json format) here")
+    parser.add_argument("--role", default="main", choices=("main", "load"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role == "load":
+        return load(args.seconds)
+    if args.quick:
+        args.overlaps, args.seconds, args.latency = "0.9", 5.0, False
+    torch.set_num_threads(args.threads)
+    quality(args)
+    if args.latency:
+        latency(args)
+    write_json(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
