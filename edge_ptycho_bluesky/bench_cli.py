@@ -5,7 +5,8 @@ process (so one failing or crashing does not take the others down): inference pe
 batch (``bench_infer.py``), streaming at set rates up to 2 kHz (``bench_stream.py``), fly scans of
 963 frames at 2 kHz, 1 kHz and 500 Hz through the RunEngine, pvAccess and the worker
 (``bench_flyscan.py``), rPIE
-(``bench_rpie.py``), stitching (``bench_stitch.py``) and training (``bench_train.py``).
+(``bench_rpie.py``), streaming AI-seeded rPIE against the truth, its frame-updates/s and the AI
+path's latency beside it (``bench_refine.py``), stitching (``bench_stitch.py``) and training (``bench_train.py``).
 Each writes its records; they are merged into ``DIR/bench.json``, a list of records with the
 fields ``name``, ``engine``, ``model``, ``batch``, ``rate``, ``frames_published``,
 ``frames_inferred``, ``drops``, ``fps``, ``latency_p50_ms``, ``latency_p99_ms``, ``ssim`` and
@@ -34,7 +35,7 @@ BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 #: Every record has these fields (the ``bench.json`` contract).
 FIELDS = ("name", "engine", "model", "batch", "rate", "frames_published", "frames_inferred", "drops", "fps",
           "latency_p50_ms", "latency_p99_ms", "ssim", "machine")
-ORDER = ("infer", "stream", "fly", "rpie", "stitch", "train")
+ORDER = ("infer", "stream", "fly", "rpie", "refine", "stitch", "train")
 
 
 def commands(out: Path, quick: bool, stream_rates: str) -> dict[str, list[str]]:
@@ -46,6 +47,7 @@ def commands(out: Path, quick: bool, stream_rates: str) -> dict[str, list[str]]:
         "stream": ["bench_stream.py", *q, "--rates", stream_rates, "--dynamic-batch"],
         "fly": ["bench_flyscan.py", *(["--quick", "--variants", "paper,fast-int8"] if quick else [])],
         "rpie": ["bench_rpie.py", *q, "--images", str(out)],
+        "refine": ["bench_refine.py", *(q if quick else ["--latency"])],
         "stitch": ["bench_stitch.py", *q],
         "train": ["bench_train.py", *q, "--out", str(out / "train"), "--figure", str(out / "ai_vs_rpie.png")],
     }

@@ -84,6 +84,10 @@ class RefineOptions:
         Refine the probe once this many frames have arrived (None: the probe stays fixed).
     threads : int
         torch intra-op threads of the sweeps.
+    live_duty : float
+        Fraction of the wall time the sweeps may take while frames are arriving (:meth:`sweep`
+        sleeps for the rest, leaving the CPU to the AI path); :meth:`StreamingRefiner.refine`
+        after the scan runs at full speed.
     alpha, beta : float
         rPIE's object regularisation and step (see :class:`RPIEOptions`).
     batch_size : int
@@ -102,6 +106,7 @@ class RefineOptions:
     full_density: float = 0.7
     probe_refine_after: int | None = None
     threads: int = 1
+    live_duty: float = 0.5
     alpha: float = 0.1
     beta: float = 1.0
     batch_size: int = 64
@@ -113,6 +118,8 @@ class RefineOptions:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"RefineOptions.{name} must be an integer >= 1, got {value!r}")
+        if not (isinstance(self.live_duty, (int, float)) and 0 < self.live_duty <= 1):
+            raise ValueError(f"RefineOptions.live_duty must be in (0, 1], got {self.live_duty!r}")
         if not (isinstance(self.tolerance, (int, float)) and self.tolerance >= 0):
             raise ValueError(f"RefineOptions.tolerance must be >= 0, got {self.tolerance!r}")
         if not 0 <= self.min_density < self.full_density:
@@ -300,8 +307,10 @@ class StreamingRefiner:
 
     # ------------------------------------------------------------------ sweeps
 
-    def sweep(self) -> float:
-        """One rPIE iteration over the buffered frames; returns its normalised amplitude error."""
+    def sweep(self, duty: float | None = None) -> float:
+        """One rPIE iteration over the buffered frames, then a pause that keeps the sweeps to
+        ``duty`` of the wall time (default ``options.live_duty``); returns the normalised
+        amplitude error."""
         if self._rec is None or self._rec.num_frames == 0:
             return math.nan
         after = self.options.probe_refine_after
@@ -313,9 +322,13 @@ class StreamingRefiner:
         try:
             t0 = time.perf_counter()
             error = self._rec.iterate(1)[0]
-            self.stats.seconds += time.perf_counter() - t0
+            took = time.perf_counter() - t0
+            self.stats.seconds += took
         finally:
             torch.set_num_threads(threads)
+        duty = self.options.live_duty if duty is None else duty
+        if duty < 1:
+            time.sleep(took * (1 / duty - 1))
         self.stats.sweeps += 1
         self.stats.frame_updates += self._rec.num_frames
         return error
@@ -329,7 +342,7 @@ class StreamingRefiner:
         deadline = time.perf_counter() + seconds
         done, previous = 0, math.inf
         while time.perf_counter() < deadline and self._rec is not None and self._rec.num_frames:
-            error = self.sweep()
+            error = self.sweep(duty=1.0)
             done += 1
             if math.isfinite(previous) and abs(previous - error) < tol * previous:
                 logger.info("refiner: converged after %d sweeps (error %.3g -> %.3g)", done, previous, error)
