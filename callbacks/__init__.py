@@ -3,7 +3,8 @@
 import importlib
 from typing import Any
 
-from .edge import FrameForwarder, LivePhasePlot, LiveStitchCallback, StitchResult
+from .edge import FrameForwarder, LiveStitchCallback, StitchResult
+from .plot import LivePhasePlot
 from .progress import ScanProgress
 
 __all__ = ["FrameForwarder", "JobOutcome", "LivePhasePlot", "LiveStitchCallback", "RetrainCallback",

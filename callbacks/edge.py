@@ -5,7 +5,8 @@
 * :class:`LiveStitchCallback` receives the worker's patches for the current run, stitches them
   incrementally, and at stop stores the stitched image and the per-frame patches as a derived
   run linked to the raw run (``original_run_uid``).
-* :class:`LivePhasePlot` draws the stitched phase growing during the scan.
+* :class:`~callbacks.plot.LivePhasePlot` (in :mod:`callbacks.plot`) draws the stitched phase, and
+  the live refined image beside it, growing during the scan.
 
 None of them can take a scan down: their failures are logged and counted in ``errors``. Heavy work
 (HDF5 reads, publishing) runs off the RunEngine thread behind a bounded queue.
@@ -258,6 +259,10 @@ class StitchResult:
     expected: int
     missing: list[int] = field(default_factory=list)
     derived_run_uid: str | None = None
+    #: The refined phase on the grid of ``image`` (None without one; ``refine_reason`` says why).
+    refined: NDArray[np.float32] | None = None
+    refine_stats: dict[str, Any] = field(default_factory=dict)
+    refine_reason: str = ""
 
 
 class _RunStitch:
@@ -277,7 +282,22 @@ class _RunStitch:
         shape, origin = grid_from_positions(self.grid.to_pixels(corners, order="xy"), (FRAME_SIZE, FRAME_SIZE), margin)
         self.stitcher = IncrementalStitcher(shape, origin, weight=weight)
         self.uid = start["uid"]
+        self.meta = meta
         self.patches: dict[int, tuple[NDArray[np.float32], tuple[float, float], str]] = {}
+
+    def refine_run(self, probe_fallback: Callable[[], NDArray[np.complex64] | None] | None) -> Any:
+        """What the live refiner needs for this run, or a string saying why it cannot refine."""
+        from edge_ptycho_bluesky.edge.refine_process import RefineRun
+
+        probe = self.meta.probe_array((FRAME_SIZE, FRAME_SIZE))
+        if probe is None and probe_fallback is not None:
+            probe = probe_fallback()
+        if probe is None:
+            return ("no probe: the run records none (md edge_ptycho.probe) and the deployed model "
+                    "version has no probe.npy")
+        beam = self.meta.beam_diameter_nm
+        return RefineRun(uid=self.uid, grid=self.grid, origin=self.stitcher.origin, shape=self.stitcher.shape,
+                         probe=probe, beam_diameter_px=None if beam is None else beam / self.meta.pixel_size_nm)
 
 
 class LiveStitchCallback(IsolatedCallback):
@@ -298,10 +318,20 @@ class LiveStitchCallback(IsolatedCallback):
         At stop, seconds to wait for patches still in flight.
     margin
         Grid pixels around the scanned area.
+    refiner : RefinerProcess, optional
+        The live refiner (:mod:`edge_ptycho_bluesky.edge.refine_process`): told of each run's
+        start and stop; the derived run is then stored once its refined image has come (or with
+        the reason there is none), off the RunEngine thread (:meth:`wait_stored`).
+    refine_seconds
+        The refiner's budget after each stop.
+    probe_fallback
+        Returns a probe for runs that record none (e.g. the deployed model version's).
     """
 
     def __init__(self, *, store: Callable[[str, dict[str, Any]], Any] | None = None, write_dir: str | Path | None = None,
-                 weight: NDArray[np.floating] | None = None, wait_timeout: float = 10.0, margin: int = 8) -> None:
+                 weight: NDArray[np.floating] | None = None, wait_timeout: float = 10.0, margin: int = 8,
+                 refiner: Any = None, refine_seconds: float = 20.0,
+                 probe_fallback: Callable[[], NDArray[np.complex64] | None] | None = None) -> None:
         super().__init__()
         if store is not None and write_dir is None:
             raise ValueError("LiveStitchCallback(store=...) needs write_dir for the derived run's HDF5 file")
@@ -316,6 +346,12 @@ class LiveStitchCallback(IsolatedCallback):
         self._run: _RunStitch | None = None
         self._early: dict[str, list[Any]] = {}
         self._expected = 0
+        self.refiner = refiner
+        self.refine_seconds = float(refine_seconds)
+        self.probe_fallback = probe_fallback
+        self._refining: dict[str, str] = {}  # uid -> why it is not refined ("" when it is)
+        self._storing: dict[str, threading.Thread] = {}
+        self._store_lock = threading.Lock()
 
     # -- patches (pvAccess thread) -------------------------------------------------------------
     def on_patch(self, patch: Any) -> None:
@@ -344,6 +380,14 @@ class LiveStitchCallback(IsolatedCallback):
     # -- documents (RunEngine thread) ----------------------------------------------------------
     def start(self, doc: dict[str, Any]) -> None:
         run = _RunStitch(doc, self.margin, self.weight)
+        if self.refiner is not None:
+            refine = run.refine_run(self.probe_fallback)
+            if isinstance(refine, str):
+                self._refining[run.uid] = refine
+                logger.warning("run %s is not refined live: %s", run.uid, refine)
+            else:
+                self._refining[run.uid] = ""
+                self.refiner.begin(refine)
         with self._lock:
             self._run = run
             for patch in self._early.pop(run.uid, []):
@@ -366,8 +410,51 @@ class LiveStitchCallback(IsolatedCallback):
         if result.missing:
             logger.warning("run %s: %d of %d patches never arrived (frames %s...)", run.uid, len(result.missing),
                            expected, result.missing[:10])
+        why_not = self._refining.pop(run.uid, None)
+        if self.refiner is not None and why_not == "":
+            self.refiner.end(run.uid, expected, self.refine_seconds)
+            thread = threading.Thread(target=self._refined_and_store, args=(result,), daemon=True,
+                                      name=f"edge-store-{run.uid[:8]}")
+            self._storing[run.uid] = thread
+            thread.start()
+            return
+        if why_not:
+            result.refine_reason = why_not
+        elif self.refiner is None:
+            result.refine_reason = "live refinement is off"
         if self.store is not None and result.patches.size:
-            result.derived_run_uid = self._store(result)
+            with self._store_lock:
+                result.derived_run_uid = self._store(result)
+
+    def _refined_and_store(self, result: StitchResult) -> None:
+        from edge_ptycho_bluesky.edge.refine_process import DRAIN_S
+
+        outcome = self.refiner.outcome(result.run_uid, timeout=self.refine_seconds + DRAIN_S + 30.0)
+        result.refined, result.refine_stats, result.refine_reason = outcome.phase, outcome.stats, outcome.reason
+        if outcome.phase is None:
+            logger.warning("run %s: no refined image (%s); the AI image is stored", result.run_uid, outcome.reason)
+        if self.store is not None and result.patches.size:
+            try:
+                with self._store_lock:
+                    result.derived_run_uid = self._store(result)
+            except Exception:
+                logger.exception("run %s: storing the derived run failed", result.run_uid)
+
+    def wait_stored(self, uid: str, timeout: float | None = None) -> bool:
+        """Wait until the run's derived run is stored (immediate without a refiner); False on timeout."""
+        thread = self._storing.get(uid)
+        if thread is None:
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._storing.pop(uid, None)
+        return True
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Wait for every pending store (the session's close calls it: nothing is lost at exit)."""
+        deadline = time.monotonic() + timeout
+        return all(self.wait_stored(uid, max(deadline - time.monotonic(), 0.0)) for uid in list(self._storing))
 
     @property
     def current(self) -> tuple[NDArray[np.float32], NDArray[np.float32], int] | None:
@@ -377,6 +464,17 @@ class LiveStitchCallback(IsolatedCallback):
             return None
         image, coverage = run.stitcher.snapshot()
         return image, coverage, run.stitcher.n_patches
+
+    @property
+    def current_extent_um(self) -> tuple[float, float, float, float] | None:
+        """The current run's grid as an ``imshow`` extent (left, right, bottom, top) in the scan's
+        position units (micrometres), or None between runs."""
+        run = self._run
+        if run is None:
+            return None
+        (py, px), (gy, gx) = run.grid.pixel_size, run.grid.origin
+        (oy, ox), (h, w) = run.stitcher.origin, run.stitcher.shape
+        return (gx + (ox - 0.5) * px, gx + (ox + w - 0.5) * px, gy + (oy + h - 0.5) * py, gy + (oy - 0.5) * py)
 
     def _result(self, run: _RunStitch, expected: int) -> StitchResult:
         image, coverage = run.stitcher.snapshot()
@@ -390,67 +488,18 @@ class LiveStitchCallback(IsolatedCallback):
                             expected, missing)
 
     def _store(self, result: StitchResult) -> str:
-        return emit_derived_run(
-            self.store, original_run_uid=result.run_uid, purpose="edge_inference", write_dir=self.write_dir,
-            streams={
-                "primary": {"phase_patch": result.patches, "frame_index": result.frame_indices,
-                            "pos_x": result.positions_um[:, 0], "pos_y": result.positions_um[:, 1]},
-                "stitched": {"stitched_phase": result.image[None], "coverage": result.coverage[None]},
-            },
-            md={"model_versions": result.model_versions, "frames_expected": result.expected,
-                "frames_missing": result.missing})
-
-
-class LivePhasePlot(IsolatedCallback):
-    """The stitched phase of the current run, redrawn at most every ``interval`` seconds.
-
-    The figure is made lazily at the first start document and redrawn with ``draw_idle`` from the
-    RunEngine thread (on events and at stop), so it never blocks acquisition.
-    """
-
-    def __init__(self, stitch: LiveStitchCallback, *, interval: float = 0.5, cmap: str = "twilight_shifted") -> None:
-        super().__init__()
-        self.stitch = stitch
-        self.interval = interval
-        self.cmap = cmap
-        self.figure: Any = None
-        self._image: Any = None
-        self._last = 0.0
-        self.redraws = 0
-
-    def start(self, doc: dict[str, Any]) -> None:
-        import matplotlib.pyplot as plt
-
-        if self.figure is None or not plt.fignum_exists(self.figure.number):
-            self.figure, ax = plt.subplots(figsize=(5, 5))
-            self._image = ax.imshow(np.zeros((2, 2)), cmap=self.cmap)
-            self.figure.colorbar(self._image, ax=ax, label="phase (rad)")
-        self._image.axes.set_title(f"scan {doc.get('scan_id', '')}: waiting for patches")
-        self._last = 0.0
-
-    def event(self, doc: dict[str, Any]) -> None:
-        if time.monotonic() - self._last >= self.interval:
-            self.redraw()
-
-    def stop(self, doc: dict[str, Any]) -> None:
-        result = self.stitch.results.get(doc["run_start"])
-        if result is not None:
-            self._show(result.image, len(result.frame_indices), final=True)
-
-    def redraw(self) -> None:
-        current = self.stitch.current
-        if current is not None and current[2]:
-            self._show(current[0], current[2])
-
-    def _show(self, image: NDArray[np.float32], count: int, final: bool = False) -> None:
-        if self._image is None:
-            return
-        self._image.set_data(image)
-        finite = image[np.isfinite(image)]
-        if finite.size:
-            self._image.set_clim(float(finite.min()), float(finite.max()))
-        self._image.set_extent((0, image.shape[1], image.shape[0], 0))
-        self._image.axes.set_title(f"stitched phase, {count} patches" + (" (final)" if final else ""))
-        self.figure.canvas.draw_idle()
-        self._last = time.monotonic()
-        self.redraws += 1
+        streams: dict[str, dict[str, NDArray[Any]]] = {
+            "primary": {"phase_patch": result.patches, "frame_index": result.frame_indices,
+                        "pos_x": result.positions_um[:, 0], "pos_y": result.positions_um[:, 1]},
+            "stitched": {"stitched_phase": result.image[None], "coverage": result.coverage[None]},
+        }
+        md: dict[str, Any] = {"model_versions": result.model_versions, "frames_expected": result.expected,
+                              "frames_missing": result.missing}
+        if result.refined is not None:
+            streams["refined"] = {"refined_phase": result.refined[None]}
+            md["refined"] = {k: v for k, v in result.refine_stats.items() if k != "skipped"}
+            md["refined"]["skipped"] = {k: int(v) for k, v in result.refine_stats.get("skipped", {}).items()}
+        else:
+            md["refined_missing"] = result.refine_reason or "live refinement is off"
+        return emit_derived_run(self.store, original_run_uid=result.run_uid, purpose="edge_inference",
+                                write_dir=self.write_dir, streams=streams, md=md)

@@ -4,8 +4,10 @@ What ``profile_collection/startup/40-edge.py`` calls.  :func:`start_edge_session
 
     RE --documents--> FrameForwarder --NTNDArray (pvAccess, loopback)--> edge worker process
     RE --documents--> LiveStitchCallback <--phase patches (pvAccess)-----------+
-                          |  at stop: stitched image + patches -> Tiled (derived run)
+                          |  at stop: stitched image + patches (+ refined image) -> Tiled (derived run)
                           +--> LivePhasePlot (only with an interactive matplotlib backend)
+    frames + patches (pvAccess) --> refiner process (AI-seeded rPIE) --> ptycho:edge:image
+                                        (run start/stop and its result: through the live stitch)
 
 The environment variables that configure it are read by
 :meth:`edge_ptycho_bluesky.edge.session.EdgeSessionConfig.from_env` (see that module).
@@ -28,7 +30,8 @@ from edge_ptycho_bluesky.storage import get_run, make_tiled_writer, replay
 from edge_ptycho_bluesky.training.registry import ModelRegistry
 from edge_ptycho_bluesky.training.registry_checks import RegistryError
 
-from .edge import FrameForwarder, LivePhasePlot, LiveStitchCallback
+from .edge import FrameForwarder, LiveStitchCallback
+from .plot import LivePhasePlot
 
 __all__ = ["EdgeSession", "deployed_version", "gui_backend", "start_edge_session"]
 
@@ -70,6 +73,8 @@ class EdgeSession:
     worker_stats : dict
         The embedded worker's final statistics (``inferred``, ``dropped_total``, ``e2e_p50_ms``...),
         filled by :meth:`close`.
+    refiner : RefinerProcess or None
+        The live refiner (None when ``EDGE_PTYCHO_EDGE_REFINE=0`` or when it could not start).
     """
 
     def __init__(self, RE: Any, catalog: Any, storage: Any, config: EdgeSessionConfig, *,
@@ -80,6 +85,7 @@ class EdgeSession:
         self.worker: Any = None  # a WorkerProcess for the embedded worker
         self.worker_log: Path | None = None
         self.worker_stats: dict[str, Any] = {}  # the embedded worker's final statistics, after close()
+        self.refiner: Any = None
         self._tokens: list[int] = []
         self._closed = False
         if config.worker == "embedded" and any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
@@ -92,8 +98,12 @@ class EdgeSession:
         try:
             if config.worker == "embedded":
                 self._start_worker(Path(storage.data_dir), worker_timeout)
+            if config.refine:
+                self._start_refiner(Path(storage.data_dir), worker_timeout)
             self.stitch = LiveStitchCallback(store=make_tiled_writer(catalog, storage),
-                                             write_dir=Path(storage.frames_dir) / "derived")
+                                             write_dir=Path(storage.frames_dir) / "derived",
+                                             refiner=self.refiner, refine_seconds=config.refine_seconds,
+                                             probe_fallback=self._deployed_probe)
             self.subscriber = PatchSubscriber(config.output_pv, self.stitch.on_patch).start()
             ready_timeout = worker_timeout if config.worker == "embedded" else 5.0
             if not self.subscriber.wait_ready(ready_timeout):
@@ -101,7 +111,8 @@ class EdgeSession:
                                "patches will be stitched once it appears", config.output_pv)
             self.forwarder = FrameForwarder(self.publisher)
             show = gui_backend() if plot is None else plot
-            self.plot = LivePhasePlot(self.stitch) if show else None
+            refined = None if self.refiner is None else (lambda: self.refiner.latest)
+            self.plot = LivePhasePlot(self.stitch, refined=refined) if show else None
             for cb in (self.forwarder, self.stitch, self.plot):
                 if cb is not None:
                     self._tokens.append(RE.subscribe(cb))
@@ -122,6 +133,29 @@ class EdgeSession:
         self.worker.start(timeout)  # RuntimeError with the worker's log if it does not start
         logger.info("edge worker started (registry %s, log %s)", c.registry, self.worker_log)
 
+    def _start_refiner(self, data_dir: Path, timeout: float) -> None:
+        from edge_ptycho_bluesky.edge.refine_process import RefinerProcess
+
+        c = self.config
+        (data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            self.refiner = RefinerProcess(c.input_pv, c.output_pv, c.image_pv,
+                                          log_path=data_dir / "logs" / "edge-refiner.log").start(timeout)
+        except Exception:  # the AI path goes on without it
+            logger.exception("edge: the live refiner could not start; the AI image alone is shown and stored")
+            self.refiner = None
+
+    def _deployed_probe(self) -> Any:
+        """The deployed model version's probe (for runs that record none), or None."""
+        import numpy as np
+
+        try:
+            version = ModelRegistry(self.config.registry, create=False).current(verify=False)
+            path = None if version is None else version.probe_path
+            return None if path is None else np.load(path)
+        except (RegistryError, OSError, ValueError):
+            return None
+
     def replay(self, uid: str) -> Any:
         """Re-infer a stored scan with the worker's current model.
 
@@ -140,6 +174,13 @@ class EdgeSession:
             replay(get_run(self.catalog, uid), self.forwarder, self.stitch)
         finally:
             self.forwarder.forward_streamed = False
+        self.stitch.wait_stored(uid)
+        return self.stitch.results[uid]
+
+    def wait_stored(self, uid: str, timeout: float | None = None) -> Any:
+        """The run's :class:`StitchResult` once its derived run is stored (with the live refiner the
+        derived run is stored after the refinement, off the RunEngine thread)."""
+        self.stitch.wait_stored(uid, timeout)
         return self.stitch.results[uid]
 
     def attach_fly_detector(self, detector: Any) -> None:
@@ -176,6 +217,11 @@ class EdgeSession:
         if forwarder is not None:
             forwarder.flush(5.0)
             forwarder.close()
+        stitch = getattr(self, "stitch", None)
+        if stitch is not None and not stitch.flush(self.config.refine_seconds + 60.0):
+            logger.error("edge: a derived run was still being stored at close")
+        if self.refiner is not None:
+            self.refiner.close()
         subscriber = getattr(self, "subscriber", None)
         if subscriber is not None:
             subscriber.stop()

@@ -99,7 +99,7 @@ def test_a_fly_scan_streams_straight_to_the_edge_worker_and_replays(RE, fly_line
     tag = uuid.uuid4().hex[:8]
     session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
         registry=registry.root, input_pv=f"fly:{tag}:frames", output_pv=f"fly:{tag}:phase",
-        status_pv=f"fly:{tag}:status", engine="onnxruntime"), plot=False)
+        status_pv=f"fly:{tag}:status", engine="onnxruntime", refine=False), plot=False)
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     try:
         session.attach_fly_detector(fly_line.fly_det)

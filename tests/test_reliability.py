@@ -63,7 +63,7 @@ def test_a_killed_worker_is_restarted_resumes_and_replay_completes_the_image(
     inp, out, status = _names("crash")
     session = EdgeSession(RE, tiled_client, storage_config,
                           EdgeSessionConfig(registry=registry.root, input_pv=inp, output_pv=out, status_pv=status,
-                                            engine="onnxruntime"), plot=False)
+                                            engine="onnxruntime", refine=False), plot=False)
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     steps = [0]
     killed: dict[str, int] = {}

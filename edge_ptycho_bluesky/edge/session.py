@@ -23,6 +23,13 @@ Environment variables (all optional):
     ``ptycho:edge:status``).
 ``EDGE_PTYCHO_EDGE_ENGINE``
     Engine of the embedded worker (default ``auto``).
+``EDGE_PTYCHO_EDGE_REFINE``
+    ``1`` (default): run the live refiner (streaming, AI-seeded rPIE in its own process,
+    :mod:`edge_ptycho_bluesky.edge.refine_process`) beside the worker; it serves the refined image
+    on ``EDGE_PTYCHO_EDGE_IMAGE`` (default ``ptycho:edge:image``), the live plot shows it beside
+    the AI mosaic, and the derived run stores it. ``0``: AI only.
+``EDGE_PTYCHO_EDGE_REFINE_SECONDS``
+    The refiner's budget after each scan's last frame (default 20).
 """
 
 from __future__ import annotations
@@ -42,6 +49,11 @@ ENV_INPUT = "EDGE_PTYCHO_EDGE_INPUT"
 ENV_OUTPUT = "EDGE_PTYCHO_EDGE_OUTPUT"
 ENV_STATUS = "EDGE_PTYCHO_EDGE_STATUS"
 ENV_ENGINE = "EDGE_PTYCHO_EDGE_ENGINE"
+ENV_REFINE = "EDGE_PTYCHO_EDGE_REFINE"
+ENV_REFINE_SECONDS = "EDGE_PTYCHO_EDGE_REFINE_SECONDS"
+ENV_IMAGE = "EDGE_PTYCHO_EDGE_IMAGE"
+#: Channel of the live refined image.
+DEFAULT_IMAGE_PV = "ptycho:edge:image"
 
 _OFF = {"0", "off", "no", "false", "disable", "disabled"}
 
@@ -68,6 +80,12 @@ class EdgeSessionConfig:
     worker_args : tuple of str
         More ``edge-ptycho worker`` options for the embedded worker, e.g.
         ``("--threads", "2", "--batch-size", "16")``.
+    refine : bool
+        Run the live refiner.
+    refine_seconds : float
+        Its budget after each scan.
+    image_pv : str
+        Channel of the refined image.
     """
 
     enabled: bool = True
@@ -78,20 +96,32 @@ class EdgeSessionConfig:
     status_pv: str = DEFAULT_STATUS_PV
     engine: str = "auto"
     worker_args: tuple[str, ...] = ()
+    refine: bool = True
+    refine_seconds: float = 20.0
+    image_pv: str = DEFAULT_IMAGE_PV
 
     def __post_init__(self) -> None:
         if self.worker not in ("embedded", "external"):
             raise ValueError(f"{ENV_WORKER}={self.worker!r}: use 'embedded' or 'external'")
+        if not (isinstance(self.refine_seconds, (int, float)) and 0 <= self.refine_seconds < 3600):
+            raise ValueError(f"{ENV_REFINE_SECONDS}={self.refine_seconds!r}: give seconds in [0, 3600)")
 
     @classmethod
     def from_env(cls, data_dir: str | Path) -> EdgeSessionConfig:
         """Read the ``EDGE_PTYCHO_EDGE*`` / ``EDGE_PTYCHO_REGISTRY`` variables (module docstring)."""
         env = os.environ
         registry = env.get(ENV_REGISTRY) or str(Path(data_dir) / "registry")
+        try:
+            refine_seconds = float(env.get(ENV_REFINE_SECONDS) or 20.0)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_REFINE_SECONDS}={env.get(ENV_REFINE_SECONDS)!r} is not a number of seconds") from exc
         return cls(enabled=not switched_off(env.get(ENV_ENABLE)),
                    worker=env.get(ENV_WORKER, "embedded").strip().lower() or "embedded",
                    registry=Path(registry).expanduser(),
                    input_pv=env.get(ENV_INPUT) or DEFAULT_INPUT_PV,
                    output_pv=env.get(ENV_OUTPUT) or DEFAULT_OUTPUT_PV,
                    status_pv=env.get(ENV_STATUS) or DEFAULT_STATUS_PV,
-                   engine=env.get(ENV_ENGINE) or "auto")
+                   engine=env.get(ENV_ENGINE) or "auto",
+                   refine=not switched_off(env.get(ENV_REFINE)),
+                   refine_seconds=refine_seconds,
+                   image_pv=env.get(ENV_IMAGE) or DEFAULT_IMAGE_PV)

@@ -1,0 +1,87 @@
+"""The live refiner in a session: RunEngine scan -> worker (shipped model) and refiner processes over
+loopback pvAccess -> the derived run holds the AI mosaic and the refined image, and the refined
+image is closer to the truth."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pvaccess")
+pytest.importorskip("onnxruntime")
+
+from edge_ptycho_bluesky.callbacks.edge import _RunStitch  # noqa: E402
+from edge_ptycho_bluesky.callbacks.session import EdgeSession  # noqa: E402
+from edge_ptycho_bluesky.derived import find_derived_runs  # noqa: E402
+from edge_ptycho_bluesky.edge.session import EdgeSessionConfig  # noqa: E402
+from edge_ptycho_bluesky.metrics import compare  # noqa: E402
+from edge_ptycho_bluesky.plans import spiral_ptycho_scan  # noqa: E402
+from edge_ptycho_bluesky.storage import get_run, make_tiled_writer  # noqa: E402
+from edge_ptycho_bluesky.training.shipped import init_registry  # noqa: E402
+
+
+def _truth_on_live_grid(run, sample, shape):
+    """The sample's phase on the live stitch's canvas (the two grids differ by whole pixels)."""
+    start = run.metadata["start"]
+    live = _RunStitch(start, 8, None)
+    data = run["primary"].read()
+    pos = np.column_stack([np.asarray(data["stage_x"]), np.asarray(data["stage_y"])])
+    canvas = live.grid.to_pixels(pos, order="xy") - np.asarray(live.stitcher.origin)
+    on_sample = sample.window_positions(pos)
+    shift = np.rint(on_sample - canvas).astype(int)
+    assert (shift == shift[0]).all()
+    pad = 300
+    r, c = shift[0] + pad
+    truth = np.pad(sample.phase, pad)[r:r + shape[0], c:c + shape[1]]
+    mask = np.zeros(shape, dtype=bool)
+    for rr, cc in np.floor(canvas).astype(int):
+        mask[rr + 40:rr + 88, cc + 40:cc + 88] = True
+    return truth, mask
+
+
+@pytest.mark.slow
+def test_a_scan_is_refined_live_and_both_images_are_stored(RE, beamline, tiled_client, storage_config, tmp_path):
+    init_registry(tmp_path / "registry")
+    tag = uuid.uuid4().hex[:8]
+    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
+        registry=tmp_path / "registry", input_pv=f"ref:{tag}:frames", output_pv=f"ref:{tag}:phase",
+        status_pv=f"ref:{tag}:status", image_pv=f"ref:{tag}:image", engine="onnxruntime",
+        refine_seconds=5.0), plot=False)
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    try:
+        assert session.refiner is not None and session.refiner.alive
+        (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05,
+                                       num_points=60))
+        result = session.wait_stored(uid, timeout=90)
+        assert result.derived_run_uid is not None, result.refine_reason
+        assert result.refined is not None, result.refine_reason
+        stats = result.refine_stats
+        assert stats["frames_used"] == 60 and stats["sweeps"] > 5 and stats["refine_seconds_after_scan"] == 5.0
+        assert session.refiner.latest is not None and session.refiner.latest[0] == uid
+        derived = find_derived_runs(tiled_client, uid, "edge_inference")[-1]
+        assert derived.metadata["start"]["uid"] == result.derived_run_uid
+        assert derived.metadata["start"]["refined"]["sweeps"] == stats["sweeps"]
+        stored = derived["refined"]["refined_phase"].read()[0]
+        np.testing.assert_array_equal(stored, result.refined)
+        np.testing.assert_array_equal(derived["stitched"]["stitched_phase"].read()[0], result.image)
+        truth, mask = _truth_on_live_grid(get_run(tiled_client, uid), beamline.det.sample, result.image.shape)
+        ai = compare(truth, np.nan_to_num(result.image), mask)["ssim"]
+        refined = compare(truth, result.refined, mask)["ssim"]
+        assert refined > 0.8 and refined > ai + 0.1, (refined, ai)
+    finally:
+        session.close()
+    assert not session.refiner.alive
+
+
+def test_the_refiner_switch_and_budget_come_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE", "0")
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_SECONDS", "7.5")
+    config = EdgeSessionConfig.from_env(tmp_path)
+    assert config.refine is False and config.refine_seconds == 7.5 and config.image_pv == "ptycho:edge:image"
+    monkeypatch.delenv("EDGE_PTYCHO_EDGE_REFINE")
+    assert EdgeSessionConfig.from_env(tmp_path).refine is True
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_SECONDS", "soon")
+    with pytest.raises(ValueError, match="EDGE_PTYCHO_EDGE_REFINE_SECONDS"):
+        EdgeSessionConfig.from_env(tmp_path)
