@@ -259,6 +259,8 @@ class StitchResult:
     expected: int
     missing: list[int] = field(default_factory=list)
     derived_run_uid: str | None = None
+    #: Window corners (row, col) of the patches on the grid of ``image``.
+    corners: NDArray[np.float64] = field(default_factory=lambda: np.zeros((0, 2)))
     #: The refined phase on the grid of ``image`` (None without one; ``refine_reason`` says why).
     refined: NDArray[np.float32] | None = None
     refine_stats: dict[str, Any] = field(default_factory=dict)
@@ -484,8 +486,10 @@ class LiveStitchCallback(IsolatedCallback):
         positions = np.array([run.patches[i][1] for i in indices], dtype=np.float64).reshape(-1, 2)
         versions = sorted({run.patches[i][2] for i in indices})
         missing = sorted(set(range(expected)) - set(indices.tolist()))
+        corners = (run.grid.to_pixels(positions, order="xy") - np.asarray(run.stitcher.origin) if len(positions)
+                   else np.zeros((0, 2)))
         return StitchResult(run.uid, image, coverage, patches.astype(np.float32), indices, positions, versions,
-                            expected, missing)
+                            expected, missing, corners=corners)
 
     def _store(self, result: StitchResult) -> str:
         streams: dict[str, dict[str, NDArray[Any]]] = {
