@@ -13,7 +13,8 @@ from edge_ptycho_bluesky.cli import main
 #: The figures every demo summary holds (README, "The demo").
 SUMMARY_KEYS = {"scans", "frames_stored", "ssim_rpie_vs_truth", "model_version", "model_versions", "retrain_decisions",
                 "frames_sent", "frames_inferred", "frames_dropped", "latency_p50_ms", "latency_p99_ms", "transport",
-                "ssim_ai_vs_rpie", "ssim_ai_vs_truth", "ssim_first_model", "ssim_second_model", "time_s"}
+                "ssim_ai_vs_rpie", "ssim_ai_vs_truth", "ssim_first_model", "ssim_second_model", "time_s",
+                "ssim_refined_vs_truth", "refine_seconds_after_scan"}
 
 
 @pytest.mark.slow
@@ -28,6 +29,9 @@ def test_demo_with_the_shipped_model_adapts_it_to_the_test_scan(tmp_path):
     assert decision.split(": ")[1].startswith(("adapted", "not adapted"))
     assert summary["replay_model_versions"] == summary["model_versions"][-1:]
     assert -1 <= summary["ssim_second_model"] <= 1 and -1 <= summary["ssim_ai_vs_truth"] <= 1
+    # The live refiner (the shipped model's probe) turns the AI mosaic into an iterative image.
+    assert summary["ssim_refined_vs_truth"] > max(summary["ssim_ai_vs_truth"] + 0.2, 0.8), summary
+    assert 0 < summary["refine_seconds_after_scan"] < 60
     assert (tmp_path / "out" / "ai_vs_rpie.png").stat().st_size > 10_000
 
 
