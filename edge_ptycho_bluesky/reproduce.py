@@ -9,7 +9,9 @@ writes, in ``DIR``:
 
 * ``results.json``: a list of rows ``{"figure", "method", "condition", "metric", "value",
   "paper"}``; ``figure`` is one of ``fig2``, ``fig3``, ``fig4``, ``fig5``, ``supp3``, ``supp5``,
-  ``table2``; ``method`` is ``ai`` or ``rpie``; ``metric`` is ``ssim`` against the true phase
+  ``table2``; ``method`` is ``ai``, ``rpie`` or ``ai+rpie`` (the AI image refined by the
+  streaming, AI-seeded rPIE of :mod:`~edge_ptycho_bluesky.recon.streaming` for ``refine_seconds``,
+  as the live refiner does after a scan; fig2, fig3 and fig4); ``metric`` is ``ssim`` against the true phase
   (and ``pearson`` where SSIM is dominated by noise on flat regions), or as named
   (``dose_photons_per_nm2``, ``us_per_frame``); ``paper`` is the paper's number where it gives
   one, else null;
@@ -61,6 +63,7 @@ from .model.contract import InputContract
 from .model.quantize import quantize_int8
 from .recon.labels import labels_from_reconstruction
 from .recon.rpie import rpie
+from .recon.streaming import RefineOptions, refine_scan
 from .sim import dose_photons_per_nm2, fermat_spiral, make_sample, step_for_overlap
 from .stitching import stitch
 from .training.config import TrainConfig
@@ -102,6 +105,7 @@ class ReproduceConfig:
     downscale_epochs: int = 6
     countrates: tuple[int, ...] = (4, 16, 40)
     rpie_iterations: int = 50
+    refine_seconds: float = 10.0
     batches: tuple[int, ...] = (1, 8, 16, 64)
     seed: int = 0
     threads: int | None = None
@@ -209,15 +213,26 @@ class Reproduction:
             self.row(figure, method, condition, "pearson", c["pearson"])
         return float(c["ssim"])
 
-    def ai_image(self, scan: Scan, *, input_scale: float = 1.0, model: Any = None,
-                 count_scale: float | None = None) -> NDArray[np.float32]:
-        """Stitched AI phase of a scan on its object grid (patches weighted by the probe amplitude)."""
-
+    def patches(self, scan: Scan, *, input_scale: float = 1.0, model: Any = None,
+                count_scale: float | None = None) -> NDArray[np.float32]:
+        """The network's phase patch of every frame (counts scaled by ``input_scale`` first)."""
         model = self.trainer.model if model is None else model
         count_scale = self.trainer.count_scale if count_scale is None else count_scale
-        patches = predict_phases(model, scan.frames * np.float32(input_scale), count_scale=count_scale, batch_size=64)
-        image, _ = stitch(patches, scan.positions, shape=scan.truth.shape, weight=np.abs(scan.sample.probe))
+        return predict_phases(model, scan.frames * np.float32(input_scale), count_scale=count_scale, batch_size=64)
+
+    def ai_image(self, scan: Scan, **kwargs: Any) -> NDArray[np.float32]:
+        """Stitched AI phase of a scan on its object grid (patches weighted by the probe amplitude);
+        keywords as :meth:`patches`."""
+        image, _ = stitch(self.patches(scan, **kwargs), scan.positions, shape=scan.truth.shape,
+                          weight=np.abs(scan.sample.probe))
         return image
+
+    def refined_image(self, scan: Scan, **kwargs: Any) -> NDArray[np.float32]:
+        """The AI patches refined by AI-seeded rPIE for ``refine_seconds`` (method ``ai+rpie``)."""
+        options = RefineOptions(threads=torch.get_num_threads())
+        return refine_scan(scan.frames, scan.positions, self.patches(scan, **kwargs), scan.truth.shape,
+                           scan.sample.probe, seconds=self.config.refine_seconds, options=options,
+                           beam_diameter_px=BEAM_UM * 1e3 / scan.sample.geometry.pixel_size_nm).phase
 
     def _timed(self, name: str, t0: float) -> None:
         self.timings[name] = round(time.perf_counter() - t0, 1)
@@ -294,21 +309,24 @@ class Reproduction:
             mask = scan.mask()
             rpie_img = rpie_phase(scan, c.rpie_iterations)
             ai_img = self.ai_image(scan)
+            refined = self.refined_image(scan)
             cond = f"overlap={overlap:g}"
             s_rpie = self.scores("fig3", "rpie", cond, scan.truth, rpie_img, mask,
                                  paper=(None if overlap != 0.6 else 0.8))
             s_ai = self.scores("fig3", "ai", cond, scan.truth, ai_img, mask,
                                paper=(None if overlap != 0.0 else 0.9))
+            s_ref = self.scores("fig3", "ai+rpie", cond, scan.truth, refined, mask)
             photons = float(np.sum(np.abs(scan.sample.probe) ** 2)) * scan.exposure_s
             dose = dose_photons_per_nm2(photons, scan.step_um * 1e3)
-            for method in ("rpie", "ai"):
+            for method in ("rpie", "ai", "ai+rpie"):
                 self.row("fig3", method, cond, "dose_photons_per_nm2", dose)
-            sweep.append((overlap, s_rpie, s_ai, dose))
+            sweep.append((overlap, s_rpie, s_ai, dose, s_ref))
             if overlap == 0.9:
                 self.scores("fig2", "rpie", cond, scan.truth, rpie_img, mask, with_pearson=True)
                 self.scores("fig2", "ai", cond, scan.truth, ai_img, mask, with_pearson=True)
+                self.scores("fig2", "ai+rpie", cond, scan.truth, refined, mask, with_pearson=True)
                 self.scores("fig2", "ai", f"{cond}, reference=rpie", rpie_img, ai_img, mask, with_pearson=True)
-                self._plot_fig2(scan, rpie_img, ai_img, mask)
+                self._plot_fig2(scan, rpie_img, ai_img, mask, refined)
         self._plot_fig3(sweep)
         self._timed("fig2_fig3", t0)
 
@@ -320,11 +338,14 @@ class Reproduction:
         scaled = self.ai_image(low, input_scale=10.0)
         raw = self.ai_image(low)
         rpie_img = rpie_phase(low, c.rpie_iterations)
+        refined = self.refined_image(low, input_scale=10.0)
         self.scores("fig4", "ai", "upscale=10", low.truth, scaled, mask, paper=0.86, with_pearson=True)
+        self.scores("fig4", "ai+rpie", "upscale=10", low.truth, refined, mask, with_pearson=True)
         self.scores("fig4", "ai", "upscale=1", low.truth, raw, mask, with_pearson=True)
         self.scores("fig4", "rpie", "exposure=1/10", low.truth, rpie_img, mask, with_pearson=True)
         self._plot_images("fig4.png", low, [("truth", low.truth), ("rPIE, 1/10 dose", rpie_img),
-                                            ("AI, counts x10", scaled), ("AI, counts as measured", raw)], mask,
+                                            ("AI, counts x10", scaled), ("AI x10 + rPIE", refined),
+                                            ("AI, counts as measured", raw)], mask,
                           "Fig. 4 analogue: a test scan at 1/10 of the training exposure")
         self._timed("fig4", t0)
 
@@ -430,33 +451,34 @@ class Reproduction:
         fig.savefig(self.out / name)
 
     def _plot_fig2(self, scan: Scan, rpie_img: NDArray[np.floating], ai_img: NDArray[np.floating],
-                   mask: NDArray[np.bool_]) -> None:
-        views = self._views([scan.truth, rpie_img, ai_img], mask)
+                   mask: NDArray[np.bool_], refined: NDArray[np.floating]) -> None:
+        views = self._views([scan.truth, rpie_img, ai_img, refined], mask)
         lim = float(np.nanmax(np.abs(views[0])))
-        fig = self._figure(13, 3.8)
-        axes = fig.subplots(1, 4)
+        fig = self._figure(16, 3.8)
+        axes = fig.subplots(1, 5)
         # the line profile goes through the row of the truth with the most contrast (the letters)
         spread = [float(np.nanstd(row)) if np.isfinite(row).sum() > len(row) // 2 else -1.0 for row in views[0]]
         line = int(np.argmax(spread))
-        for ax, view, label in zip(axes[:3], views, ("truth", "rPIE", "AI (stitched)")):
+        for ax, view, label in zip(axes[:4], views, ("truth", "rPIE", "AI (stitched)", "AI + rPIE (refined)")):
             ax.imshow(view, cmap="gray", vmin=-lim, vmax=lim)
             ax.axhline(line, color="tab:red", lw=0.8)
             ax.set_title(label, fontsize="small")
             ax.set_axis_off()
-        for view, label in zip(views, ("truth", "rPIE", "AI")):
-            axes[3].plot(view[line], label=label, lw=1)
-        axes[3].set_xlabel("pixel along the red line")
-        axes[3].set_ylabel("phase (rad)")
-        axes[3].legend(fontsize="small")
+        for view, label in zip(views, ("truth", "rPIE", "AI", "AI + rPIE")):
+            axes[4].plot(view[line], label=label, lw=1)
+        axes[4].set_xlabel("pixel along the red line")
+        axes[4].set_ylabel("phase (rad)")
+        axes[4].legend(fontsize="small")
         fig.suptitle("Fig. 2 analogue: unseen features (letters), overlap 0.9", fontsize="small")
         fig.savefig(self.out / "fig2.png")
 
-    def _plot_fig3(self, sweep: list[tuple[float, float, float, float]]) -> None:
+    def _plot_fig3(self, sweep: list[tuple[float, float, float, float, float]]) -> None:
         fig = self._figure(6.5, 4)
         ax = fig.add_subplot()
         overlaps = [s[0] for s in sweep]
         ax.plot(overlaps, [s[1] for s in sweep], "o-", label="rPIE")
         ax.plot(overlaps, [s[2] for s in sweep], "s-", label="AI (stitched)")
+        ax.plot(overlaps, [s[4] for s in sweep], "^-", label=f"AI + rPIE ({self.config.refine_seconds:g} s)")
         ax.set_xlabel("overlap ratio")
         ax.set_ylabel("SSIM vs truth")
         ax.invert_xaxis()

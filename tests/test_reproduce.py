@@ -24,7 +24,8 @@ def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     config = ReproduceConfig.quick_config(
         out, train_scans=4, increments=(2, 4), epochs=6, frames_per_scan=120, test_frames=120,
-        overlaps=(0.9, 0.0), downscales=(1000,), downscale_epochs=2, countrates=(16,), batches=(8,), threads=1)
+        overlaps=(0.9, 0.0), downscales=(1000,), downscale_epochs=2, countrates=(16,), batches=(8,), threads=1,
+        refine_seconds=3.0)
     rows = run_reproduce(config)
     return out, rows
 
@@ -40,12 +41,12 @@ def test_results_json_has_the_contract_rows_and_a_picture_per_figure(results):
     assert json.loads((out / "results.json").read_text()) == rows
     assert all(tuple(r) == ROW_FIELDS for r in rows)
     assert {r["figure"] for r in rows} == set(FIGURES)
-    assert {r["method"] for r in rows} == {"ai", "rpie"}
+    assert {r["method"] for r in rows} == {"ai", "rpie", "ai+rpie"}
     for figure in FIGURES:
         assert (out / f"{figure}.png").stat().st_size > 10_000
     assert all(np.isfinite(r["value"]) for r in rows)
     assert value(rows, "fig4", "ai", "upscale=10") is not None
-    assert [r["paper"] for r in rows if r["figure"] == "fig4" and r["metric"] == "ssim"
+    assert [r["paper"] for r in rows if r["figure"] == "fig4" and r["metric"] == "ssim" and r["method"] == "ai"
             and r["condition"] == "upscale=10"] == [0.86]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["timings_s"]["total"] > 0 and summary["train_frames"] == 4 * 120
@@ -60,6 +61,17 @@ def test_iterative_needs_overlap_and_the_network_does_not(results):
     assert ai_0 >= 0.5 * ai_09                                # and it keeps (most of) what it had
     dose = {c: value(rows, "fig3", "rpie", c, "dose_photons_per_nm2") for c in ("overlap=0.9", "overlap=0")}
     assert dose["overlap=0.9"] > 50 * dose["overlap=0"]       # 10x the step: 100x less dose
+
+
+def test_the_refined_image_is_at_least_as_good_as_the_better_of_ai_and_rpie(results):
+    _, rows = results
+    for condition in ("overlap=0.9", "overlap=0"):
+        refined = value(rows, "fig3", "ai+rpie", condition)
+        best = max(value(rows, "fig3", "ai", condition), value(rows, "fig3", "rpie", condition))
+        assert refined >= best - 0.02, (condition, refined, best)
+    assert value(rows, "fig3", "ai+rpie", "overlap=0.9") > 0.9
+    assert value(rows, "fig2", "ai+rpie", "overlap=0.9", "pearson") > value(rows, "fig2", "ai", "overlap=0.9", "pearson")
+    assert value(rows, "fig4", "ai+rpie", "upscale=10") > value(rows, "fig4", "ai", "upscale=10")
 
 
 def test_low_dose_scaling_and_training_distribution(results):
