@@ -65,6 +65,18 @@ def test_a_scan_is_refined_live_and_both_images_are_stored(RE, beamline, tiled_c
         ai = compare(truth, np.nan_to_num(result.image), mask)["ssim"]
         refined = compare(truth, result.refined, mask)["ssim"]
         assert refined > 0.8 and refined > ai + 0.1, (refined, ai)
+
+        # The refiner dies: the next scan's AI image is stored as before, and the derived run says why.
+        session.refiner._proc.kill()  # noqa: SLF001  (a crash, as a segfault would be)
+        session.refiner._proc.wait(10)  # noqa: SLF001
+        (uid2,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05,
+                                        num_points=20))
+        second = session.wait_stored(uid2, timeout=60)
+        assert second.refined is None and "died" in second.refine_reason
+        assert len(second.frame_indices) == 20 and second.derived_run_uid is not None
+        stored2 = find_derived_runs(tiled_client, uid2, "edge_inference")[-1]
+        assert "died" in stored2.metadata["start"]["refined_missing"]
+        np.testing.assert_array_equal(stored2["stitched"]["stitched_phase"].read()[0], second.image)
     finally:
         session.close()
     assert not session.refiner.alive
