@@ -83,7 +83,10 @@ class FrameForwarder(IsolatedCallback):
 
     Frames are paired with positions in order: the k-th frame announced by StreamDatum documents
     with the k-th event, so the same callback serves live runs and runs replayed from Tiled (where
-    stream datums come consolidated). In fly scans the positions are stream data too (the motor
+    stream datums come consolidated). Detectors that announce their frames the ophyd v1 way (an
+    areaDetector with an HDF5 plugin: Resource ``AD_HDF5`` and one Datum per event, the event
+    holding the datum id) are read the same way: each datum's ``point_number`` selects
+    ``frame_per_point`` frames of ``/entry/data/data``, all at the event's position. In fly scans the positions are stream data too (the motor
     fields' StreamDatums): the k-th frame goes with the k-th recorded position.
 
     A fly scan whose detector streamed its frames over pvAccess itself
@@ -103,11 +106,20 @@ class FrameForwarder(IsolatedCallback):
         Seconds to wait for a frame to become visible in the HDF5 file.
     forward_streamed
         Forward runs whose detector streamed the frames itself (replays of fly scans).
+    path_map
+        ``{prefix as the IOC writes it: prefix here}``: a detector's file path that starts with a
+        key is read under the value instead (an IOC writing ``/data/ioc/...`` that this machine
+        mounts at ``/mnt/beamline/...``). Without a match the path is read as written.
+
+    Without an ``image_key`` (given, or in the run record), the frames are the first data key of
+    the run's descriptors that is external and at least 2-D.
     """
 
     def __init__(self, publisher: FramePublisherLike, *, image_key: str | None = None, queue_size: int = 4096,
-                 read_timeout: float = 5.0, forward_streamed: bool = False) -> None:
+                 read_timeout: float = 5.0, forward_streamed: bool = False,
+                 path_map: dict[str, str] | None = None) -> None:
         super().__init__()
+        self.path_map = dict(path_map or {})
         self.forward_streamed = forward_streamed
         self.skipped_runs = 0
         self.publisher = publisher
@@ -130,6 +142,8 @@ class FrameForwarder(IsolatedCallback):
         self._run_attributes: dict[str, Any] = {}
         self._descriptors: set[str] = set()
         self._resources: dict[str, tuple[Path, str, str]] = {}
+        self._v1_resources: dict[str, tuple[Path, str, int]] = {}  # Resource uid -> (file, dataset, frames per point)
+        self._datums: dict[str, tuple[str, int]] = {}  # datum id -> (Resource uid, point number)
         self._frames: deque[tuple[Path, str, int]] = deque()
         self._positions: deque[tuple[int, tuple[float, float] | tuple[_Stored, _Stored]]] = deque()
         self._stored_xy: tuple[deque[_Stored], deque[_Stored]] = (deque(), deque())
@@ -152,13 +166,40 @@ class FrameForwarder(IsolatedCallback):
         self._fields = _motor_fields(doc)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
-        if self._uid is not None and self._image_key in doc["data_keys"]:
+        if self._uid is None:
+            return
+        if self._image_key is None:
+            self._image_key = next((key for key, info in doc["data_keys"].items()
+                                    if info.get("external") and len(info.get("shape") or []) >= 2), None)
+        if self._image_key in doc["data_keys"]:
             self._descriptors.add(doc["uid"])
+
+    def local_path(self, path: str | Path) -> Path:
+        """A detector's file path as this machine reads it (``path_map``)."""
+        text = str(path)
+        for remote, local in self.path_map.items():
+            if text == remote or text.startswith(remote.rstrip("/") + "/"):
+                return Path(local) / Path(text).relative_to(remote)
+        return Path(text)
 
     def stream_resource(self, doc: dict[str, Any]) -> None:
         if self._uid is not None and doc["data_key"] in (self._image_key, *self._fields):
-            self._resources[doc["uid"]] = (Path(urlparse(doc["uri"]).path), doc["parameters"]["dataset"],
+            self._resources[doc["uid"]] = (self.local_path(urlparse(doc["uri"]).path), doc["parameters"]["dataset"],
                                            doc["data_key"])
+
+    def resource(self, doc: dict[str, Any]) -> None:
+        if self._uid is None:
+            return
+        if not str(doc.get("spec", "")).startswith("AD_HDF5"):
+            logger.warning("run %s: Resource spec %r is not read (only AD_HDF5 files)", self._uid, doc.get("spec"))
+            return
+        path = Path(doc.get("root") or "/") / doc["resource_path"]
+        per_point = int((doc.get("resource_kwargs") or {}).get("frame_per_point", 1))
+        self._v1_resources[doc["uid"]] = (self.local_path(path), "/entry/data/data", per_point)
+
+    def datum(self, doc: dict[str, Any]) -> None:
+        if doc["resource"] in self._v1_resources:
+            self._datums[doc["datum_id"]] = (doc["resource"], int(doc["datum_kwargs"].get("point_number", 0)))
 
     def stream_datum(self, doc: dict[str, Any]) -> None:
         if doc["stream_resource"] in self._resources:
@@ -177,7 +218,15 @@ class FrameForwarder(IsolatedCallback):
     def event(self, doc: dict[str, Any]) -> None:
         if self._uid is not None and doc["descriptor"] in self._descriptors:
             x_key, y_key = self._fields
-            self._positions.append((doc["seq_num"], (float(doc["data"][x_key]), float(doc["data"][y_key]))))
+            pos = (float(doc["data"][x_key]), float(doc["data"][y_key]))
+            datum = self._datums.pop(str(doc["data"].get(self._image_key)), None)
+            if datum is not None:  # ophyd v1: this event's frames are in the datum's file
+                path, dataset, per_point = self._v1_resources[datum[0]]
+                first = datum[1] * per_point
+                self._frames.extend((path, dataset, index) for index in range(first, first + per_point))
+                self._positions.extend((doc["seq_num"], pos) for _ in range(per_point))
+            else:
+                self._positions.append((doc["seq_num"], pos))
             self._pair()
 
     def _pair(self) -> None:

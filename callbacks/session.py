@@ -109,7 +109,7 @@ class EdgeSession:
             if not self.subscriber.wait_ready(ready_timeout):
                 logger.warning("edge: no patch channel %s yet (is the worker running?); "
                                "patches will be stitched once it appears", config.output_pv)
-            self.forwarder = FrameForwarder(self.publisher)
+            self.forwarder = FrameForwarder(self.publisher, path_map=dict(config.path_map))
             show = gui_backend() if plot is None else plot
             refined = None if self.refiner is None else (lambda: self.refiner.latest)
             self.plot = LivePhasePlot(self.stitch, refined=refined) if show else None

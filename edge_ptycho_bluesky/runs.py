@@ -23,7 +23,9 @@ Keys of the record (all optional but ``geometry`` for anything that reconstructs
 ``labelled``                  a source of rPIE training labels
 ``mode``, ``frame_rate_hz``   ``"fly"`` and the frame rate for fly scans
 ``streamed_to``               pvAccess channel the detector streamed its frames to (fly scans)
-``probe``                     complex probe, as an array or ``{"real": ..., "imag": ...}``
+``probe``                     complex probe, as an array, ``{"real": ..., "imag": ...}``, or a
+                              reference to a ``.npy`` file ``{"file": PATH, "sha256": HEX}``
+                              (:func:`probe_record`)
 ============================  ====================================================================
 
 Keys this version does not know are kept as written (:attr:`EdgePtychoMeta.extra`).
@@ -32,8 +34,10 @@ Keys this version does not know are kept as written (:attr:`EdgePtychoMeta.extra
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,7 +47,7 @@ from .io.cxi import PtychoScan
 from .sim.geometry import Geometry
 
 __all__ = ["DEFAULT_IMAGE_KEY", "META_KEY", "STAGE_X_KEY", "STAGE_Y_KEY", "EdgePtychoMeta", "RunFormatError",
-           "read_array", "read_scan"]
+           "geometry_record", "probe_record", "read_array", "read_scan"]
 
 logger = logging.getLogger(__name__)
 
@@ -189,11 +193,13 @@ class EdgePtychoMeta:
             return None
         try:
             stored = self.probe
-            if isinstance(stored, Mapping):
+            if isinstance(stored, Mapping) and "file" in stored:
+                probe = _load_probe_file(stored)
+            elif isinstance(stored, Mapping):
                 probe = np.asarray(stored["real"]) + 1j * np.asarray(stored["imag"])
             else:
                 probe = np.asarray(stored)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OSError) as exc:
             logger.warning("ignoring the recorded probe: %s", exc)
             return None
         if not np.iscomplexobj(probe) or probe.ndim not in (2, 3):
@@ -203,6 +209,68 @@ class EdgePtychoMeta:
             logger.warning("ignoring the recorded probe of shape %s (frames %s)", probe.shape, tuple(frame_shape))
             return None
         return probe.astype(np.complex64)
+
+
+def _load_probe_file(record: Mapping[str, Any]) -> NDArray[Any]:
+    from .files import sha256_file
+
+    path = Path(record["file"])
+    expected = record.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise ValueError(f"{path} changed since the run recorded it (sha256 differs)")
+    return np.load(path, allow_pickle=False)
+
+
+def probe_record(probe: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``probe`` entry for a probe kept in a ``.npy`` file, or in a model version's folder
+    (its ``probe.npy``): the absolute path and its sha256, checked when the run is read.
+
+    Raises
+    ------
+    ValueError
+        Not a file or version folder with a complex (N, N) or (modes, N, N) probe.
+    """
+    from .files import sha256_file
+
+    path = Path(probe).expanduser().resolve()
+    if path.is_dir():
+        path = path / "probe.npy"
+    if not path.is_file():
+        raise ValueError(f"probe={probe!r}: no such file (give a .npy file holding the complex probe, "
+                         "or a model version's folder with probe.npy)")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"probe={probe!r}: not a .npy array ({exc})") from exc
+    if not np.iscomplexobj(array) or array.ndim not in (2, 3) or array.shape[-1] != array.shape[-2]:
+        raise ValueError(f"probe={probe!r}: expected a complex (N, N) or (modes, N, N) array, got "
+                         f"{array.dtype} {array.shape}")
+    return {"file": str(path), "sha256": sha256_file(path)}
+
+
+def geometry_record(geometry: Geometry | Mapping[str, Any]) -> dict[str, Any]:
+    """The ``geometry`` entry for a :class:`~edge_ptycho_bluesky.sim.Geometry` or a mapping of its
+    fields (``energy_kev``, ``detector_distance_m``, ``detector_pixel_m``, ``frame_size``).
+
+    Raises
+    ------
+    ValueError
+        Unknown keys (named, with the valid ones) or values the geometry refuses.
+    """
+    from .options import check_known_keys
+
+    if isinstance(geometry, Geometry):
+        return geometry.as_dict()
+    if not isinstance(geometry, Mapping):
+        raise ValueError(f"geometry must be a Geometry or a mapping of its fields, got {type(geometry).__name__}")
+    known = [f.name for f in fields(Geometry)]
+    # wavelength and object pixel are derived (as_dict writes them): a recorded geometry is accepted back
+    given = {k: v for k, v in geometry.items() if k not in ("wavelength_nm", "pixel_size_nm")}
+    check_known_keys("geometry", given, known)
+    try:
+        return Geometry(**given).as_dict()
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"geometry {dict(geometry)!r}: {exc}") from exc
 
 
 # -- the Tiled layout ----------------------------------------------------------------------------

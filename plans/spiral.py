@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ import numpy as np
 from bluesky.plans import list_scan
 from numpy.typing import NDArray
 
-from edge_ptycho_bluesky.runs import META_KEY, EdgePtychoMeta
+from edge_ptycho_bluesky.runs import META_KEY, EdgePtychoMeta, geometry_record, probe_record
 from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
 
 logger = logging.getLogger(__name__)
@@ -87,8 +87,11 @@ def _check_limits(motor: Any, values: NDArray[np.float64]) -> None:
 
 
 def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, labelled: bool | None,
-                     beam_size: float | None) -> dict[str, Any]:
-    """The run's ptychography record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`), as written."""
+                     beam_size: float | None, geometry: dict[str, Any] | None = None,
+                     probe: dict[str, str] | None = None) -> dict[str, Any]:
+    """The run's ptychography record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`), as written:
+    what a detector provides, with the plan's ``geometry`` and ``probe`` (already recorded forms)
+    taking precedence."""
     meta: dict[str, Any] = {"step_um": float(step), "num_points": int(num_points)}
     for det in detectors:
         if hasattr(det, "ptycho_metadata"):
@@ -96,6 +99,10 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
             meta["detector"] = det.name
             meta["exposure_s"] = float(det.exposure_time.get())
             break
+    if geometry is not None:
+        meta["geometry"] = geometry
+    if probe is not None:
+        meta["probe"] = probe
     if beam_size is not None:
         meta["beam_diameter_nm"] = float(beam_size) * 1e3
     if "beam_diameter_nm" in meta:
@@ -108,6 +115,25 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
         labelled = meta.get("overlap_ratio", 0.0) >= LABELLED_OVERLAP
     meta["labelled"] = bool(labelled)
     return EdgePtychoMeta.from_dict(meta).to_dict()
+
+
+def _recorded(geometry: Any, probe: Any) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The plan's ``geometry=`` and ``probe=`` arguments in their recorded forms (checked now, so a
+    bad argument fails before the scan moves anything)."""
+    return (None if geometry is None else geometry_record(geometry),
+            None if probe is None else probe_record(probe))
+
+
+def merge_md(base: dict[str, Any], extra: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``base`` updated with ``extra``, nested mappings merged key by key (so that
+    ``md={"edge_ptycho": {"labelled": True}}`` adds to the ptychography record instead of replacing it)."""
+    out = dict(base)
+    for key, value in (extra or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_md(dict(out[key]), value)
+        else:
+            out[key] = value
+    return out
 
 
 def _pattern_md(plan_name: str, plan_args: dict[str, Any], xy: NDArray[np.float64], x_motor: Any, y_motor: Any,
@@ -148,6 +174,8 @@ def spiral_ptycho_scan(
     beam_size: float | None = None,
     labelled: bool | None = None,
     per_step: Any = None,
+    geometry: Any = None,
+    probe: Any = None,
     md: dict[str, Any] | None = None,
 ):
     """Fermat-spiral ptychography step scan.
@@ -176,8 +204,17 @@ def spiral_ptycho_scan(
         Mark the scan as a source of rPIE training labels (default: overlap >= 0.8).
     per_step
         Hook for the inner loop (see :func:`bluesky.plan_stubs.one_nd_step`).
+    geometry
+        The diffraction geometry when the detector does not provide it (a real one does not): a
+        :class:`~edge_ptycho_bluesky.sim.Geometry` or a mapping of ``energy_kev``,
+        ``detector_distance_m``, ``detector_pixel_m`` and ``frame_size``; it takes precedence
+        over a detector's.
+    probe
+        The probe for rPIE and the live refiner: a ``.npy`` file of the complex probe, or a model
+        version's folder with its ``probe.npy`` (recorded as the file's path and sha256).
     md
-        Extra metadata.
+        Extra metadata, merged key by key into the plan's (``md={"edge_ptycho": {...}}`` adds to
+        the ptychography record).
 
     Notes
     -----
@@ -190,6 +227,7 @@ def spiral_ptycho_scan(
     xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
     _check_limits(x_motor, xy[:, 0])
     _check_limits(y_motor, xy[:, 1])
+    geometry_md, probe_md = _recorded(geometry, probe)
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
     _md = _pattern_md("spiral_ptycho_scan", {
@@ -202,10 +240,9 @@ def spiral_ptycho_scan(
             for det in detectors:
                 if hasattr(det, "exposure_time"):
                     yield from bps.mv(det.exposure_time, exposure)
-        _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size)
-        _md.update(md or {})
+        _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size, geometry_md, probe_md)
         return (yield from list_scan(detectors, x_motor, list(xy[:, 0]), y_motor, list(xy[:, 1]),
-                                     per_step=per_step, md=_md))
+                                     per_step=per_step, md=merge_md(_md, md)))
 
     return (yield from inner())
 
@@ -232,8 +269,7 @@ def rel_spiral_ptycho_scan(
         position = getattr(motor, "position", None)
         if isinstance(position, numbers.Real):
             _check_limits(motor, offsets + position)
-    _md = {"plan_name": "rel_spiral_ptycho_scan"}
-    _md.update(md or {})
+    _md = merge_md({"plan_name": "rel_spiral_ptycho_scan"}, md)
 
     @bpp.reset_positions_decorator([x_motor, y_motor])
     @bpp.relative_set_decorator([x_motor, y_motor])
@@ -258,6 +294,8 @@ def spiral_ptycho_flyscan(
     exposure: float | None = None,
     labelled: bool | None = None,
     flush_period: float = 0.2,
+    geometry: Any = None,
+    probe: Any = None,
     md: dict[str, Any] | None = None,
 ):
     """Fermat-spiral ptychography fly scan: the detector free-runs at ``rate`` while the stage flies.
@@ -271,7 +309,7 @@ def spiral_ptycho_flyscan(
         reach Tiled (and any subscriber) while it flies.
     x_motor, y_motor
         The stage axes the detector records per frame (their names are the position data keys).
-    step, num_points, x_center, y_center, route, labelled, md
+    step, num_points, x_center, y_center, route, labelled, geometry, probe, md
         As for :func:`spiral_ptycho_scan`.
     rate
         Frame rate in Hz (2000: the paper's 2 kHz).
@@ -300,6 +338,7 @@ def spiral_ptycho_flyscan(
     xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
     _check_limits(x_motor, xy[:, 0])
     _check_limits(y_motor, xy[:, 1])
+    geometry_md, probe_md = _recorded(geometry, probe)
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
     _md = _pattern_md("spiral_ptycho_flyscan", {
@@ -333,8 +372,8 @@ def spiral_ptycho_flyscan(
     def inner():
         yield from bps.mv(detector.frame_rate, rate, detector.exposure_time, exposure)
         yield from bps.mv(x_motor, xy[0, 0], y_motor, xy[0, 1])
-        _md[META_KEY] = _ptycho_metadata([detector], step, num_points, labelled, None)
-        _md.update(md or {})
+        _md[META_KEY] = _ptycho_metadata([detector], step, num_points, labelled, None, geometry_md, probe_md)
+        _md.update(merge_md(_md, md))
         yield from bps.prepare(detector, {"positions": xy}, wait=True)
         return (yield from fly())
 

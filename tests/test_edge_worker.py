@@ -753,3 +753,24 @@ def test_real_pvapy_hpc_consumer_scales_out_with_n_consumers(model2: Path) -> No
     for p in received[outs[1]][:3]:
         np.testing.assert_allclose(p.phase, 2.0 * frames[p.unique_id - 1])
         assert p.scan_uid == "hpc2" and p.model_version.startswith("times2@")
+
+
+def test_positions_from_configured_attributes_in_other_units(model2: Path) -> None:
+    """A stock areaDetector frame: no pos_x/pos_y, the motor readbacks as NDAttributes in nm."""
+    src, sink = InProcessFrameSource(), InProcessPatchSink()
+    worker = EdgeWorker(FileModelSource(model2, ORT), src, sink, WorkerConfig(
+        max_wait_ms=1.0, position_attributes=("SampleX", "SampleY"), position_scale=1e-3))
+    worker.start()
+    frames = frames_u16(3)
+    src.publish(frames[0], 1, attributes={"SampleX": 1500.0, "SampleY": -250.0})
+    src.publish(frames[1], 2, pos=(7.0, 8.0))                       # pos_x/pos_y win
+    src.publish(frames[2], 3, attributes={"SampleX": 1.0})          # no y: no position
+    assert sink.wait_for(2, 20.0)
+    stats = worker.stop()
+    patches = {p.unique_id: p for p in sink.patches}
+    assert patches[1].pos == (1.5, -0.25) and patches[2].pos == (7.0, 8.0) and 3 not in patches
+    assert stats.dropped == {"no_position": 1}
+    with pytest.raises(ValueError, match="position_attributes"):
+        WorkerConfig(position_attributes=("SampleX",))
+    with pytest.raises(ValueError, match="position_scale"):
+        WorkerConfig(position_scale=0.0)

@@ -64,6 +64,42 @@ def test_relative_scan_is_centred_on_the_current_position_and_restores_it(RE, do
     assert docs["start"][0]["plan_name"] == "rel_spiral_ptycho_scan"
 
 
+def test_geometry_probe_and_md_merge_into_the_ptychography_record(RE, docs, beamline, tmp_path):
+    from edge_ptycho_bluesky.runs import EdgePtychoMeta
+
+    probe = (beamline.det.sample.probe * 2).astype(np.complex64)
+    np.save(tmp_path / "probe.npy", probe)
+    RE.subscribe(docs.cb)
+    RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.2, num_points=3,
+                          geometry={"energy_kev": 8.0, "detector_distance_m": 2.0}, probe=tmp_path / "probe.npy",
+                          md={"edge_ptycho": {"labelled": True, "sample_name": "star"}, "operator": "me"}))
+    start = docs["start"][0]
+    meta = EdgePtychoMeta.from_start(start)
+    # the plan's geometry wins over the detector's; the detector fills the rest (beam, flux, frames)
+    assert meta.geometry["energy_kev"] == 8.0 and meta.geometry["detector_distance_m"] == 2.0
+    assert meta.to_geometry().pixel_size_nm != beamline.det.sample.geometry.pixel_size_nm
+    assert meta.beam_diameter_nm and meta.frame_shape == (128, 128)
+    # md merged key by key: the record keeps its geometry, gains the user's keys
+    assert meta.labelled is True and meta.extra["sample_name"] == "star" and start["operator"] == "me"
+    # the probe is recorded by reference and read back (checked against its sha256)
+    assert set(start["edge_ptycho"]["probe"]) == {"file", "sha256"}
+    np.testing.assert_array_equal(meta.probe_array((128, 128)), probe)
+    np.save(tmp_path / "probe.npy", probe * 3)  # changed afterwards: ignored, with a warning
+    assert meta.probe_array((128, 128)) is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"geometry": {"energy": 8.0}}, "unknown geometry keys \\['energy'\\]"),
+    ({"geometry": {"energy_kev": -1.0}}, "energy"),
+    ({"probe": "/no/such/probe.npy"}, "no such file"),
+])
+def test_bad_geometry_or_probe_fails_before_the_scan(RE, docs, beamline, kwargs, match):
+    RE.subscribe(docs.cb)
+    with pytest.raises(ValueError, match=match):
+        RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.2, num_points=3, **kwargs))
+    assert not docs["start"]
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"step": -0.05, "num_points": 10}, ValueError, "positive"),
     ({"step": 0.0, "num_points": 10}, ValueError, "positive"),

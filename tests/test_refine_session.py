@@ -14,6 +14,7 @@ pytest.importorskip("onnxruntime")
 
 from edge_ptycho_bluesky.callbacks.session import EdgeSession  # noqa: E402
 from edge_ptycho_bluesky.derived import find_derived_runs  # noqa: E402
+from edge_ptycho_bluesky.edge.pva_clients import PvaFrameSource  # noqa: E402
 from edge_ptycho_bluesky.edge.session import EdgeSessionConfig  # noqa: E402
 from edge_ptycho_bluesky.metrics import compare  # noqa: E402
 from edge_ptycho_bluesky.plans import spiral_ptycho_scan  # noqa: E402
@@ -45,6 +46,10 @@ def test_a_scan_is_refined_live_and_both_images_are_stored(RE, beamline, tiled_c
         status_pv=f"ref:{tag}:status", image_pv=f"ref:{tag}:image", engine="onnxruntime",
         refine_seconds=5.0), plot=False)
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    images = []
+    watcher = _ImageWatcher(images)
+    source = PvaFrameSource(f"ref:{tag}:image")
+    source.start(watcher)
     try:
         assert session.refiner is not None and session.refiner.alive
         (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05,
@@ -61,6 +66,11 @@ def test_a_scan_is_refined_live_and_both_images_are_stored(RE, beamline, tiled_c
         stored = derived["refined"]["refined_phase"].read()[0]
         np.testing.assert_array_equal(stored, result.refined)
         np.testing.assert_array_equal(derived["stitched"]["stitched_phase"].read()[0], result.image)
+        # ptycho:edge:image served the refined canvas, the last one final and equal to the stored image
+        ours = [f for f in images if f.attributes.get("run_uid") == uid]
+        assert ours and ours[-1].attributes["final"] == 1 and ours[-1].attributes["frames_used"] == 60
+        assert ours[-1].data.dtype == np.float32
+        np.testing.assert_array_equal(ours[-1].data, result.refined)
         truth, mask = _truth_on_live_grid(result, beamline.det.sample, result.image.shape)
         ai = compare(truth, np.nan_to_num(result.image), mask)["ssim"]
         refined = compare(truth, result.refined, mask)["ssim"]
@@ -78,17 +88,37 @@ def test_a_scan_is_refined_live_and_both_images_are_stored(RE, beamline, tiled_c
         assert "died" in stored2.metadata["start"]["refined_missing"]
         np.testing.assert_array_equal(stored2["stitched"]["stitched_phase"].read()[0], second.image)
     finally:
+        source.stop()
         session.close()
     assert not session.refiner.alive
 
 
-def test_the_refiner_switch_and_budget_come_from_the_environment(monkeypatch, tmp_path):
+class _ImageWatcher:
+    """Collects the NTNDArrays of the refined-image channel."""
+
+    def __init__(self, images):
+        self.images = images
+
+    def on_frame(self, frame):
+        self.images.append(frame)
+
+    def on_reject(self, reason, detail, unique_id):
+        pass
+
+
+def test_the_refiner_switch_budget_and_path_map_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE", "0")
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_SECONDS", "7.5")
     config = EdgeSessionConfig.from_env(tmp_path)
     assert config.refine is False and config.refine_seconds == 7.5 and config.image_pv == "ptycho:edge:image"
     monkeypatch.delenv("EDGE_PTYCHO_EDGE_REFINE")
     assert EdgeSessionConfig.from_env(tmp_path).refine is True
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_PATH_MAP", "/data/ioc=/mnt/beamline; /b=/c")
+    assert EdgeSessionConfig.from_env(tmp_path).path_map == (("/data/ioc", "/mnt/beamline"), ("/b", "/c"))
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_PATH_MAP", "/data/ioc")
+    with pytest.raises(ValueError, match="IOC_PREFIX=LOCAL_PREFIX"):
+        EdgeSessionConfig.from_env(tmp_path)
+    monkeypatch.delenv("EDGE_PTYCHO_EDGE_PATH_MAP")
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_SECONDS", "soon")
     with pytest.raises(ValueError, match="EDGE_PTYCHO_EDGE_REFINE_SECONDS"):
         EdgeSessionConfig.from_env(tmp_path)

@@ -96,8 +96,10 @@ def test_bad_frames_are_counted_and_skipped():
     f[2, 0, 0] = -1                            # negative counts
     pos[3] = (-5.0, 0.0)                       # outside the canvas
     pos[4] = (sample.phase.shape[0], 0.0)      # outside the canvas
-    assert ref.add(f, pos, patches[:6]) == 1
-    assert ref.stats.skipped == {"no_position": 1, "bad_frame": 2, "outside": 2}
+    bad_patches = patches[:6].copy()
+    bad_patches[5, 0, 0] = np.nan              # a NaN patch: the frame is kept, not seeded
+    assert ref.add(f, pos, bad_patches) == 1
+    assert ref.stats.skipped == {"no_position": 1, "bad_frame": 2, "outside": 2, "bad_patch": 1}
     assert ref.stats.frames_used == 1 and np.isfinite(ref.sweep())
     with pytest.raises(ValueError, match="frames must be"):
         ref.add(frames[:2, :64, :64], corners[:2])

@@ -60,6 +60,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="infer frames that carry no pos_x/pos_y attributes")
     p.add_argument("--scale", type=float, default=None,
                    help="count scale factor applied after binning (see model.preprocess)")
+    p.add_argument("--position-attributes", default=None, metavar="X,Y",
+                   help="NDAttribute names of the frame's x and y position when the frames carry no "
+                        "pos_x/pos_y (e.g. SampleX,SampleY from an areaDetector NDAttributes file)")
+    p.add_argument("--position-scale", type=float, default=1.0, metavar="F",
+                   help="multiply those positions by F (units: e.g. 1e-3 for nm into um; default 1)")
     p.add_argument("--reference-exposure", type=float, default=None, metavar="SECONDS",
                    help="exposure the model was trained with, when its registry entry does not record "
                         "it: frames carrying an exposure_s attribute are scaled to it")
@@ -78,6 +83,15 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="logging level, e.g. WARNING (default INFO, or the CLI's own setting)")
 
 
+def _pair_of_names(text: str | None) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    names = tuple(n.strip() for n in text.split(","))
+    if len(names) != 2 or not all(names):
+        raise SystemExit(f"edge-ptycho worker: --position-attributes takes two names X,Y, got {text!r}")
+    return names  # type: ignore[return-value]
+
+
 def _config_from_args(args: argparse.Namespace) -> WorkerConfig:
     pre: dict[str, Any] = {}
     if args.scale is not None:
@@ -87,7 +101,9 @@ def _config_from_args(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(batch_size=args.batch_size, max_wait_ms=args.max_wait_ms,
                         queue_size=args.queue_size, require_position=args.require_position,
                         preprocess_options=pre, status_period_s=args.status_period,
-                        poll_period_s=args.poll_period, reference_exposure_s=args.reference_exposure)
+                        poll_period_s=args.poll_period, reference_exposure_s=args.reference_exposure,
+                        position_attributes=_pair_of_names(args.position_attributes),
+                        position_scale=args.position_scale)
 
 
 def run_worker(args: argparse.Namespace) -> int:

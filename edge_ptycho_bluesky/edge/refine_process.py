@@ -53,8 +53,8 @@ logger = logging.getLogger(__name__)
 PUBLISH_INTERVAL_S = 1.0
 #: Seconds the child waits, after a stop, for frames and patches still in flight.
 DRAIN_S = 3.0
-#: Frames or patches held per run while their partner has not arrived.
-MAX_PENDING = 50_000
+#: Frames (or patches) held while their partner or their run's start has not arrived (32 KiB a frame).
+MAX_PENDING = 4096
 
 
 @dataclass(frozen=True)
@@ -281,6 +281,7 @@ class _Child:
         self.patches: dict[tuple[str, int], NDArray[np.float32]] = {}
         self.paired: set[tuple[str, int]] = set()
         self.published = 0
+        self.ignored = 0
         self.last_publish = 0.0
         self.failed = ""
 
@@ -318,7 +319,8 @@ class _Child:
             except queue.Empty:
                 break
             uid = item.scan_uid
-            if uid is None:
+            if uid is None or (self.run is not None and uid != self.run.uid):
+                self.ignored += 1  # another run's (one not refined, or already ended)
                 continue
             index = int(item.attributes.get("frame_index", item.unique_id))
             if kind == "frame":

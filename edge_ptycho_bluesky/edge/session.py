@@ -30,6 +30,9 @@ Environment variables (all optional):
     the AI mosaic, and the derived run stores it. ``0``: AI only.
 ``EDGE_PTYCHO_EDGE_REFINE_SECONDS``
     The refiner's budget after each scan's last frame (default 20).
+``EDGE_PTYCHO_EDGE_PATH_MAP``
+    Where this machine reads a detector's files when the IOC writes them under another path:
+    ``IOC_PREFIX=LOCAL_PREFIX`` pairs separated by ``;`` (e.g. ``/data/ioc=/mnt/beamline``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from pathlib import Path
 
 from .transport import DEFAULT_INPUT_PV, DEFAULT_OUTPUT_PV, DEFAULT_STATUS_PV
 
-__all__ = ["EdgeSessionConfig", "switched_off"]
+__all__ = ["EdgeSessionConfig", "parse_path_map", "switched_off"]
 
 ENV_ENABLE = "EDGE_PTYCHO_EDGE"
 ENV_WORKER = "EDGE_PTYCHO_EDGE_WORKER"
@@ -52,6 +55,7 @@ ENV_ENGINE = "EDGE_PTYCHO_EDGE_ENGINE"
 ENV_REFINE = "EDGE_PTYCHO_EDGE_REFINE"
 ENV_REFINE_SECONDS = "EDGE_PTYCHO_EDGE_REFINE_SECONDS"
 ENV_IMAGE = "EDGE_PTYCHO_EDGE_IMAGE"
+ENV_PATH_MAP = "EDGE_PTYCHO_EDGE_PATH_MAP"
 #: Channel of the live refined image.
 DEFAULT_IMAGE_PV = "ptycho:edge:image"
 
@@ -61,6 +65,19 @@ _OFF = {"0", "off", "no", "false", "disable", "disabled"}
 def switched_off(value: str | None) -> bool:
     """True for the values that turn a feature off (``0``, ``off``, ``no``, ``false``...)."""
     return value is not None and value.strip().lower() in _OFF
+
+
+def parse_path_map(text: str) -> tuple[tuple[str, str], ...]:
+    """``"/data/ioc=/mnt/beamline;/other=/x"`` -> ``(("/data/ioc", "/mnt/beamline"), ("/other", "/x"))``."""
+    pairs = []
+    for item in (part.strip() for part in text.split(";")):
+        if not item:
+            continue
+        remote, sep, local = item.partition("=")
+        if not sep or not remote.strip() or not local.strip():
+            raise ValueError(f"{ENV_PATH_MAP}: {item!r} is not IOC_PREFIX=LOCAL_PREFIX (pairs separated by ';')")
+        pairs.append((remote.strip(), local.strip()))
+    return tuple(pairs)
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,8 @@ class EdgeSessionConfig:
         Its budget after each scan.
     image_pv : str
         Channel of the refined image.
+    path_map : tuple of (str, str)
+        ``(IOC prefix, local prefix)`` pairs for the frame files (the frame forwarder's ``path_map``).
     """
 
     enabled: bool = True
@@ -99,6 +118,7 @@ class EdgeSessionConfig:
     refine: bool = True
     refine_seconds: float = 20.0
     image_pv: str = DEFAULT_IMAGE_PV
+    path_map: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.worker not in ("embedded", "external"):
@@ -124,4 +144,5 @@ class EdgeSessionConfig:
                    engine=env.get(ENV_ENGINE) or "auto",
                    refine=not switched_off(env.get(ENV_REFINE)),
                    refine_seconds=refine_seconds,
-                   image_pv=env.get(ENV_IMAGE) or DEFAULT_IMAGE_PV)
+                   image_pv=env.get(ENV_IMAGE) or DEFAULT_IMAGE_PV,
+                   path_map=parse_path_map(env.get(ENV_PATH_MAP) or ""))

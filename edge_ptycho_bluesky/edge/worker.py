@@ -36,7 +36,9 @@ Run it as a process with ``edge-ptycho worker ...`` or ``python -m edge_ptycho_b
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import queue
 import threading
 import time
@@ -280,6 +282,17 @@ class EdgeWorker:
             self._track_id(unique_id)
         self._drop(reason, detail, unique_id)
 
+    def _with_position(self, frame: Frame) -> Frame:
+        """The frame with its position taken from the configured NDAttributes (scaled), when it has them."""
+        assert self.config.position_attributes is not None
+        x_name, y_name = self.config.position_attributes
+        x, y = frame.attributes.get(x_name), frame.attributes.get(y_name)
+        if not (isinstance(x, (int, float)) and isinstance(y, (int, float))
+                and math.isfinite(x) and math.isfinite(y)):
+            return frame
+        scale = self.config.position_scale
+        return dataclasses.replace(frame, pos=(float(x) * scale, float(y) * scale))
+
     def _problem(self, frame: Frame) -> tuple[str, str] | None:
         data = frame.data
         if data.dtype not in self._allowed:
@@ -291,7 +304,9 @@ class EdgeWorker:
         if data.dtype.kind == "f" and not np.isfinite(data).all():
             return "nan", f"{int(np.count_nonzero(~np.isfinite(data)))} NaN/inf values"
         if frame.pos is None and self.config.require_position:
-            return "no_position", "no pos_x/pos_y attributes"
+            names = "pos_x/pos_y" + ("" if self.config.position_attributes is None
+                                     else " or {}/{}".format(*self.config.position_attributes))
+            return "no_position", f"no {names} attributes"
         return None
 
     def _shape_accepted(self, data: NDArray[Any]) -> bool:
@@ -330,6 +345,8 @@ class EdgeWorker:
         with self._lock:
             self._received += 1
         self._track_id(frame.unique_id)
+        if frame.pos is None and self.config.position_attributes is not None:
+            frame = self._with_position(frame)
         problem = self._problem(frame)
         if problem is not None:
             self._drop(problem[0], problem[1], frame.unique_id)

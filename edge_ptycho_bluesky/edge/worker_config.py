@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,13 @@ class WorkerConfig:
         record it (``LoadedModel.input_exposure_s`` wins when it does).  With one known, each
         frame carrying an ``exposure_s`` attribute (the fly-scan detector's, the forwarder's) is
         scaled to it; frames without the attribute are left as they are.
+    position_attributes : (str, str) or None
+        NDAttribute names of the frame's x and y position, for detectors that do not send
+        ``pos_x``/``pos_y`` (a stock areaDetector with an NDAttributes file reading the motor
+        readbacks, e.g. ``("SampleX", "SampleY")``); used when ``pos_x``/``pos_y`` are absent.
+    position_scale : float
+        Multiplies the positions read from ``position_attributes`` (unit conversion into the
+        plans' units, e.g. ``1e-3`` for motors in nm and a stage in um).
     """
 
     batch_size: int = 8
@@ -66,6 +75,8 @@ class WorkerConfig:
     latency_window: int = 20000
     log_period_s: float = 5.0
     reference_exposure_s: float | None = None
+    position_attributes: tuple[str, str] | None = None
+    position_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if int(self.batch_size) < 1:
@@ -81,6 +92,12 @@ class WorkerConfig:
             np.dtype(name)  # raises TypeError for an unknown dtype name
         if self.frame_shape is not None and len(self.frame_shape) != 2:
             raise ValueError(f"frame_shape must be (rows, cols) or None, got {self.frame_shape!r}")
+        if self.position_attributes is not None and (
+                len(self.position_attributes) != 2 or not all(isinstance(n, str) and n for n in self.position_attributes)):
+            raise ValueError(f"position_attributes must be two attribute names (x, y), got {self.position_attributes!r}")
+        if not (isinstance(self.position_scale, (int, float)) and math.isfinite(self.position_scale)
+                and self.position_scale != 0):
+            raise ValueError(f"position_scale must be a finite, non-zero number, got {self.position_scale!r}")
         if self.reference_exposure_s is not None and not self.reference_exposure_s > 0:
             raise ValueError(f"reference_exposure_s must be a positive time in seconds, got "
                              f"{self.reference_exposure_s!r}")

@@ -223,8 +223,9 @@ class StreamingRefiner:
         phase patches ``(m, h, w)`` (centred on the windows) when there are.
 
         Frames with a NaN position, NaN/negative counts or a window outside the canvas are
-        skipped and counted in ``stats.skipped`` (``no_position``, ``bad_frame``, ``outside``).
-        Returns the number of frames accepted.
+        skipped and counted in ``stats.skipped`` (``no_position``, ``bad_frame``, ``outside``); a
+        patch with NaN is not used as a seed (``bad_patch``), its frame is kept. Returns the number
+        of frames accepted.
         """
         f = np.asarray(frames, dtype=np.float32)
         pos = np.asarray(positions, dtype=np.float64).reshape(-1, 2)
@@ -261,7 +262,11 @@ class StreamingRefiner:
         f, pos = f[ok], pos[ok]
         rec = self._reconstructor(f)
         if ph is not None:
-            self._seed(pos, ph[ok])
+            ph = ph[ok]
+            finite = np.isfinite(ph).all(axis=(1, 2))
+            self.stats.skipped["bad_patch"] += int((~finite).sum())  # the frame is kept, unseeded
+            if finite.any():
+                self._seed(pos[finite], ph[finite])
         for r, c in corner[ok].astype(np.int64):
             self._lit_sum[r:r + self.n, c:c + self.n] += self._intensity
         rec.add_frames(f, pos)
