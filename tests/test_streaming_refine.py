@@ -32,7 +32,7 @@ def _two_threads():
 def scan(overlap: float, points: int):
     step = step_for_overlap(overlap, BEAM_UM) if overlap > 0 else BEAM_UM
     xy = fermat_spiral(points, step)
-    sample = make_sample("test", extent_um=float(np.abs(xy).max()) * 2 + 0.05, seed=3,
+    sample = make_sample("test", extent_um=float(np.abs(xy).max()) + 0.05, seed=3,
                          beam_diameter_nm=BEAM_UM * 1e3)
     frames = sample.measure(xy, EXPOSURE_S, rng=0).astype(np.float32)
     corners = sample.window_positions(xy)
