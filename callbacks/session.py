@@ -61,7 +61,8 @@ class EdgeSession:
 
     Attributes
     ----------
-    forwarder : FrameForwarder
+    forwarder : FrameForwarder or None
+        None with an external worker (it reads the detector's channel itself).
     stitch : LiveStitchCallback
         ``stitch.results[uid]`` holds each run's stitched image; its derived run is in Tiled.
     plot : LivePhasePlot or None
@@ -94,7 +95,9 @@ class EdgeSession:
             logger.info("edge: setting the loopback pvAccess variables for the embedded worker (%s)",
                         ", ".join(f"{k}={v}" for k, v in LOOPBACK_ENV.items()))
             loopback_env()
-        self.publisher = FramePublisher(config.input_pv)  # the worker's input, served here
+        # The embedded worker's input is served here; an external worker reads the detector's own
+        # channel (input_pv), which this session must not serve too.
+        self.publisher = FramePublisher(config.input_pv) if config.worker == "embedded" else None
         try:
             if config.worker == "embedded":
                 self._start_worker(Path(storage.data_dir), worker_timeout)
@@ -109,7 +112,8 @@ class EdgeSession:
             if not self.subscriber.wait_ready(ready_timeout):
                 logger.warning("edge: no patch channel %s yet (is the worker running?); "
                                "patches will be stitched once it appears", config.output_pv)
-            self.forwarder = FrameForwarder(self.publisher, path_map=dict(config.path_map))
+            self.forwarder = (None if self.publisher is None
+                              else FrameForwarder(self.publisher, path_map=dict(config.path_map)))
             show = gui_backend() if plot is None else plot
             refined = None if self.refiner is None else (lambda: self.refiner.latest)
             self.plot = LivePhasePlot(self.stitch, refined=refined) if show else None
@@ -169,6 +173,11 @@ class EdgeSession:
         StitchResult
             ``derived_run_uid`` is the new derived run; ``model_versions`` the model(s) used.
         """
+        if self.forwarder is None:
+            raise RuntimeError(
+                f"replay sends a stored scan's frames to the worker's input, which this session does not serve "
+                f"with an external worker (it reads {self.config.input_pv} itself); re-infer the run with "
+                f"`edge-ptycho infer {uid} --registry DIR --out OUT.cxi [--refine S]`, or use the embedded worker")
         self.forwarder.forward_streamed = True  # a fly scan's frames went to the worker live; send them again
         try:
             replay(get_run(self.catalog, uid), self.forwarder, self.stitch)
@@ -190,6 +199,9 @@ class EdgeSession:
         a real detector's PVA plugin does when the worker is pointed at it; the live stitch
         receives the patches as in step scans, and the frame forwarder leaves fly runs alone.
         """
+        if self.publisher is None:
+            raise RuntimeError("with an external worker the fly detector streams to the worker's own input "
+                               f"({self.config.input_pv}); point the detector's PVA plugin there instead")
         detector.publisher = self.publisher
 
     def status(self, timeout: float = 2.0) -> dict[str, Any]:
@@ -230,7 +242,8 @@ class EdgeSession:
             logger.info("edge worker stopped: received=%s inferred=%s dropped=%s model=%s",
                         final.get("received"), final.get("inferred"), final.get("dropped"),
                         final.get("model_version"))
-        self.publisher.close()
+        if self.publisher is not None:
+            self.publisher.close()
         try:
             atexit.unregister(self.close)
         except Exception:

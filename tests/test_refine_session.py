@@ -106,6 +106,43 @@ class _ImageWatcher:
         pass
 
 
+@pytest.mark.slow
+def test_an_external_worker_on_the_detectors_channel_is_stitched_and_refined(RE, beamline, tiled_client,
+                                                                          storage_config, tmp_path):
+    """The facility layout: the detector serves its frames (here a forwarder plays its PVA plugin),
+    a worker started elsewhere reads them; the session serves no input channel, and still stitches,
+    refines and stores."""
+    from edge_ptycho_bluesky.callbacks.edge import FrameForwarder
+    from edge_ptycho_bluesky.edge.process import WorkerChannels, WorkerProcess
+    from edge_ptycho_bluesky.edge.pva_servers import FramePublisher
+
+    init_registry(tmp_path / "registry")
+    channels = WorkerChannels.unique("ext")
+    detector_plugin = FramePublisher(channels.input)          # the detector IOC's PVA plugin
+    plugin_feed = FrameForwarder(detector_plugin)
+    worker = WorkerProcess(registry=tmp_path / "registry", channels=channels).start(60)
+    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
+        worker="external", registry=tmp_path / "registry", input_pv=channels.input, output_pv=channels.output,
+        status_pv=channels.status,
+        image_pv=channels.input + ":image", refine_seconds=3.0), plot=False)
+    RE.subscribe(plugin_feed)
+    try:
+        assert session.publisher is None and session.forwarder is None and session.worker is None
+        (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05,
+                                       num_points=30))
+        result = session.wait_stored(uid, timeout=90)
+        assert len(result.frame_indices) == 30 and result.missing == []
+        assert result.refined is not None and result.refine_stats["frames_used"] == 30, result.refine_reason
+        assert result.derived_run_uid is not None
+        with pytest.raises(RuntimeError, match="edge-ptycho infer"):
+            session.replay(uid)
+    finally:
+        session.close()
+        plugin_feed.close()
+        worker.stop()
+        detector_plugin.close()
+
+
 def test_the_refiner_switch_budget_and_path_map_come_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE", "0")
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_SECONDS", "7.5")

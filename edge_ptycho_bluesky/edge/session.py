@@ -13,7 +13,9 @@ Environment variables (all optional):
     loopback (:class:`~edge_ptycho_bluesky.edge.process.WorkerProcess`), restart it if it dies
     (``edge.worker.restarts``; frames it missed are listed per run and ``edge.replay(uid)``
     re-infers them) and stop it at exit.  ``external``: use a worker already
-    running (started with ``edge-ptycho worker --registry DIR``) on the same channel names.
+    running (started with ``edge-ptycho worker --registry DIR``) on the same channel names; it
+    reads the detector's own channel (``EDGE_PTYCHO_EDGE_INPUT``), which the session then does not
+    serve (nor forward frames to; ``edge.replay`` needs the embedded worker).
 ``EDGE_PTYCHO_REGISTRY``
     Model registry folder (default ``<data dir>/registry``); its deployed version is used and
     hot-swapped.  Without a deployed model the embedded worker is not started and one log line
