@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 ENV_DATA_DIR = "EDGE_PTYCHO_DATA_DIR"
 ENV_TILED_URI = "EDGE_PTYCHO_TILED_URI"
 ENV_TILED_API_KEY = "EDGE_PTYCHO_TILED_API_KEY"
+ENV_TILED_PROFILE = "EDGE_PTYCHO_TILED_PROFILE"
 DEFAULT_DATA_DIR = Path("~/.local/share/edge_ptycho").expanduser()
 #: Tiled keeps one server-settings object per process, so every catalog served by this process
 #: shares one API key (random per process unless given).
@@ -51,19 +52,31 @@ class StorageConfig:
     uri
         URI of a Tiled server to use instead of the embedded catalog.
     api_key
-        API key for ``uri`` (never logged).
+        API key for ``uri`` or ``profile`` (never logged).
+    profile
+        Name of a Tiled client profile (``tiled profile list``: a facility's YAML file naming the
+        server, its authentication and options) to use instead of the embedded catalog; not
+        together with ``uri``.
     """
 
     data_dir: Path = DEFAULT_DATA_DIR
     uri: str | None = None
     api_key: str | None = None
+    profile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.uri and self.profile:
+            raise ValueError(f"give a Tiled server by URI ({ENV_TILED_URI}) or by profile ({ENV_TILED_PROFILE}), "
+                             f"not both (got {self.uri!r} and {self.profile!r})")
 
     @classmethod
     def from_env(cls) -> StorageConfig:
-        """Read ``EDGE_PTYCHO_DATA_DIR``, ``EDGE_PTYCHO_TILED_URI``, ``EDGE_PTYCHO_TILED_API_KEY``."""
+        """Read ``EDGE_PTYCHO_DATA_DIR``, ``EDGE_PTYCHO_TILED_URI`` or ``EDGE_PTYCHO_TILED_PROFILE``,
+        and ``EDGE_PTYCHO_TILED_API_KEY``."""
         return cls(data_dir=Path(os.environ.get(ENV_DATA_DIR, DEFAULT_DATA_DIR)).expanduser(),
                    uri=os.environ.get(ENV_TILED_URI) or None,
-                   api_key=os.environ.get(ENV_TILED_API_KEY) or None)
+                   api_key=os.environ.get(ENV_TILED_API_KEY) or None,
+                   profile=os.environ.get(ENV_TILED_PROFILE) or None)
 
     @property
     def frames_dir(self) -> Path:
@@ -74,7 +87,8 @@ class StorageConfig:
         return Path(self.data_dir) / "backup"
 
     def __repr__(self) -> str:  # keep the key out of logs and tracebacks
-        return f"StorageConfig(data_dir={str(self.data_dir)!r}, uri={self.uri!r}, api_key={'***' if self.api_key else None})"
+        return (f"StorageConfig(data_dir={str(self.data_dir)!r}, uri={self.uri!r}, "
+                f"api_key={'***' if self.api_key else None}, profile={self.profile!r})")
 
 
 def embedded_catalog(data_dir: str | Path, readable: Iterable[str | Path] = ()):
@@ -108,7 +122,8 @@ def build_tiled_app(catalog, api_key: str | None = None):
 
 
 def connect(config: StorageConfig | None = None):
-    """A Tiled client for the configured storage: the embedded catalog, or the server at ``uri``.
+    """A Tiled client for the configured storage: the embedded catalog, the server at ``uri``, or
+    the one a Tiled ``profile`` names.
 
     Raises
     ------
@@ -121,6 +136,17 @@ def connect(config: StorageConfig | None = None):
     from tiled.client.context import Context
 
     config = config or StorageConfig.from_env()
+    if config.profile:
+        from tiled.client import from_profile
+
+        try:
+            kwargs = {"api_key": config.api_key} if config.api_key else {}
+            return from_profile(config.profile, **kwargs)
+        except Exception as err:  # ProfileNotFound, connection errors, 401, ...
+            raise StorageError(
+                f"cannot use the Tiled profile {config.profile!r}: {type(err).__name__}: {err}. `tiled profile "
+                f"list` shows the profiles found (and `tiled profile paths` where they are looked for); or "
+                f"unset {ENV_TILED_PROFILE} to use the embedded catalog.") from err
     if config.uri:
         try:
             return from_uri(config.uri, api_key=config.api_key)

@@ -127,3 +127,33 @@ def test_server_down_mid_session_backs_the_run_up_and_uploads_it_later(RE, beaml
         assert upload_backups(client, config) == [second]
         assert get_run(client, second)["primary"]["ptycho_det_image"].read().shape == (6, 128, 128)
         assert not list(config.backup_dir.glob("*.jsonl"))
+
+
+@pytest.mark.slow
+def test_a_tiled_profile_names_the_facility_server(RE, beamline, tmp_path, monkeypatch):
+    """EDGE_PTYCHO_TILED_PROFILE: the client comes from a Tiled profile file, as a facility ships it."""
+    import tiled.profiles
+
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+
+    beamline.det.write_dir = StorageConfig(data_dir=tmp_path).frames_dir
+    with TiledServer(tmp_path) as server:
+        profiles = tmp_path / "profiles"
+        profiles.mkdir()
+        (profiles / "facility.yml").write_text(f"facility:\n  uri: {server.uri}\n")  # keys are not kept in profiles
+        monkeypatch.setattr(tiled.profiles, "paths", [*tiled.profiles.paths, profiles])
+        tiled.profiles.load_profiles.cache_clear()
+        monkeypatch.setenv("EDGE_PTYCHO_TILED_PROFILE", "facility")
+        monkeypatch.delenv("EDGE_PTYCHO_TILED_URI", raising=False)
+        monkeypatch.setenv("EDGE_PTYCHO_TILED_API_KEY", server.api_key)
+        config = StorageConfig.from_env()
+        assert config.profile == "facility" and config.uri is None
+        client = connect(config)
+        RE.subscribe(make_tiled_writer(client, StorageConfig(data_dir=tmp_path)))
+        (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05, num_points=4))
+        assert get_run(client, uid)["primary"]["ptycho_det_image"].read().shape == (4, 128, 128)
+        with pytest.raises(StorageError, match="tiled profile list"):
+            connect(StorageConfig(profile="no-such-profile"))
+    tiled.profiles.load_profiles.cache_clear()
+    with pytest.raises(ValueError, match="not both"):
+        StorageConfig(uri="http://x", profile="facility")
