@@ -139,11 +139,13 @@ class EdgeSession:
 
     def _start_refiner(self, data_dir: Path, timeout: float) -> None:
         from edge_ptycho_bluesky.edge.refine_process import RefinerProcess
+        from edge_ptycho_bluesky.recon.streaming import RefineOptions
 
         c = self.config
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
         try:
-            self.refiner = RefinerProcess(c.input_pv, c.output_pv, c.image_pv,
+            options = RefineOptions(probe_refine_after=c.refine_probe_after or None)
+            self.refiner = RefinerProcess(c.input_pv, c.output_pv, c.image_pv, options=options,
                                           log_path=data_dir / "logs" / "edge-refiner.log").start(timeout)
         except Exception:  # the AI path goes on without it
             logger.exception("edge: the live refiner could not start; the AI image alone is shown and stored")

@@ -150,6 +150,8 @@ def test_the_refiner_switch_budget_and_path_map_come_from_the_environment(monkey
     assert config.refine is False and config.refine_seconds == 7.5 and config.image_pv == "ptycho:edge:image"
     monkeypatch.delenv("EDGE_PTYCHO_EDGE_REFINE")
     assert EdgeSessionConfig.from_env(tmp_path).refine is True
+    monkeypatch.setenv("EDGE_PTYCHO_EDGE_REFINE_PROBE_AFTER", "250")
+    assert EdgeSessionConfig.from_env(tmp_path).refine_probe_after == 250
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_PATH_MAP", "/data/ioc=/mnt/beamline; /b=/c")
     assert EdgeSessionConfig.from_env(tmp_path).path_map == (("/data/ioc", "/mnt/beamline"), ("/b", "/c"))
     monkeypatch.setenv("EDGE_PTYCHO_EDGE_PATH_MAP", "/data/ioc")

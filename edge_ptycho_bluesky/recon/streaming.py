@@ -156,6 +156,8 @@ class RefineStats:
     sweeps: int = 0
     seconds: float = 0.0
     frame_updates: int = 0
+    #: rPIE's normalised amplitude error of the last sweep (NaN before any).
+    error: float = math.nan
     skipped: Counter = field(default_factory=Counter)
 
     @property
@@ -166,6 +168,7 @@ class RefineStats:
         return {"frames_used": self.frames_used, "sweeps": self.sweeps, "seconds": round(self.seconds, 3),
                 "frame_updates": self.frame_updates,
                 "frame_updates_per_s": round(self.frame_updates_per_s, 1),
+                "error": None if math.isnan(self.error) else round(self.error, 6),
                 "skipped": dict(self.skipped)}
 
 
@@ -335,6 +338,7 @@ class StreamingRefiner:
         if duty < 1:
             time.sleep(took * (1 / duty - 1))
         self.stats.sweeps += 1
+        self.stats.error = float(error)
         self.stats.frame_updates += self._rec.num_frames
         return error
 
