@@ -112,3 +112,14 @@ def wait_until(predicate, timeout: float = 10.0, period: float = 0.01) -> bool:
             return True
         time.sleep(period)
     return bool(predicate())
+
+
+@pytest.fixture(scope="module")
+def two_torch_threads():
+    """torch on two intra-op threads for the module (the CI machine's two cores), restored after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)

@@ -20,12 +20,7 @@ from edge_ptycho_bluesky.sim import beam_diameter_nm, fermat_spiral, make_sample
 EXPOSURE_S = 0.01
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @lru_cache(maxsize=None)

@@ -8,7 +8,6 @@ from functools import lru_cache
 
 import numpy as np
 import pytest
-import torch
 from scipy.ndimage import gaussian_filter
 
 from edge_ptycho_bluesky.metrics import compare
@@ -20,12 +19,7 @@ EXPOSURE_S = 0.01
 BEAM_UM = 0.8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _two_threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("two_torch_threads")
 
 
 @lru_cache(maxsize=None)

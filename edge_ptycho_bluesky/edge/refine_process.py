@@ -33,8 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -52,8 +52,8 @@ from numpy.typing import ArrayLike, NDArray
 from scipy.ndimage import uniform_filter
 
 from ..options import check_known_keys
-from ..stitching import IncrementalStitcher
 from ..sim.probe import beam_diameter_nm
+from ..stitching import IncrementalStitcher
 from .reconstructor import RPIEReconstructor
 from .rpie_options import RPIEOptions
 
