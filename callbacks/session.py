@@ -25,7 +25,7 @@ from edge_ptycho_bluesky.edge.process import WorkerChannels, WorkerProcess
 from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, read_status
 from edge_ptycho_bluesky.edge.pva_servers import FramePublisher
 from edge_ptycho_bluesky.edge.session import ENV_ENABLE, ENV_REGISTRY, EdgeSessionConfig
-from edge_ptycho_bluesky.edge.transport import LOOPBACK_ENV, loopback_env
+from edge_ptycho_bluesky.edge.transport import embedded_worker_env
 from edge_ptycho_bluesky.storage import get_run, make_tiled_writer, replay
 from edge_ptycho_bluesky.training.registry import ModelRegistry
 from edge_ptycho_bluesky.training.registry_checks import RegistryError
@@ -89,12 +89,14 @@ class EdgeSession:
         self.refiner: Any = None
         self._tokens: list[int] = []
         self._closed = False
-        if config.worker == "embedded" and any(os.environ.get(k) != v for k, v in LOOPBACK_ENV.items()):
-            # The embedded worker lives on pvAccess loopback; without the same settings here its
-            # monitor never finds this process's channels (silently: no frame would arrive).
-            logger.info("edge: setting the loopback pvAccess variables for the embedded worker (%s)",
-                        ", ".join(f"{k}={v}" for k, v in LOOPBACK_ENV.items()))
-            loopback_env()
+        if config.worker == "embedded":
+            # The embedded worker lives on pvAccess loopback; without it here too its monitor never
+            # finds this process's channels (silently: no frame would arrive). A configured address
+            # list is kept, 127.0.0.1 added to it.
+            changed = embedded_worker_env()
+            if changed:
+                logger.info("edge: pvAccess settings for the embedded worker on loopback: %s",
+                            ", ".join(f"{k}={v}" for k, v in changed.items()))
         # The embedded worker's input is served here; an external worker reads the detector's own
         # channel (input_pv), which this session must not serve too.
         self.publisher = FramePublisher(config.input_pv) if config.worker == "embedded" else None

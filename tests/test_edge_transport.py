@@ -24,7 +24,7 @@ from edge_ptycho_bluesky.edge.ntnda import (  # noqa: E402
 from edge_ptycho_bluesky.edge.inprocess import InProcessFrameSource, InProcessPatchSink  # noqa: E402
 from edge_ptycho_bluesky.edge.pva_clients import PatchSubscriber, PvaFrameSource, read_status  # noqa: E402
 from edge_ptycho_bluesky.edge.pva_servers import FramePublisher, PvaPatchSink  # noqa: E402
-from edge_ptycho_bluesky.edge.transport import LOOPBACK_ENV, loopback_env  # noqa: E402
+from edge_ptycho_bluesky.edge.transport import LOOPBACK_ENV, embedded_worker_env, loopback_env  # noqa: E402
 
 from .conftest import wait_until as _wait  # noqa: E402
 
@@ -52,6 +52,18 @@ class Collector:
 
 
 # -- loopback ---------------------------------------------------------------------------------
+
+
+def test_a_session_keeps_the_beamlines_address_list_and_adds_loopback() -> None:
+    beamline = {"EPICS_PVA_ADDR_LIST": "10.0.0.5 10.0.0.255", "EPICS_PVA_AUTO_ADDR_LIST": "YES"}
+    changed = embedded_worker_env(beamline)
+    assert beamline["EPICS_PVA_ADDR_LIST"] == "10.0.0.5 10.0.0.255 127.0.0.1"
+    assert beamline["EPICS_PVA_AUTO_ADDR_LIST"] == "YES"          # broadcast discovery still on
+    assert beamline["EPICS_PVAS_INTF_ADDR_LIST"] == "127.0.0.1"   # its own servers: loopback only
+    assert set(changed) == {"EPICS_PVA_ADDR_LIST", "EPICS_PVAS_INTF_ADDR_LIST"}
+    assert embedded_worker_env(beamline) == {}                    # idempotent
+    alone: dict[str, str] = {}
+    assert embedded_worker_env(alone) == LOOPBACK_ENV and alone == LOOPBACK_ENV
 
 
 def test_loopback_env_sets_the_epics_variables() -> None:

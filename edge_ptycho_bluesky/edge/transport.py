@@ -36,6 +36,7 @@ __all__ = [
     "FrameSource",
     "LOOPBACK_ENV",
     "PatchSink",
+    "embedded_worker_env",
     "loopback_env",
 ]
 
@@ -74,6 +75,35 @@ def loopback_env(environ: MutableMapping[str, str] | None = None) -> dict[str, s
     target = os.environ if environ is None else environ
     target.update(LOOPBACK_ENV)
     return dict(LOOPBACK_ENV)
+
+
+def embedded_worker_env(environ: MutableMapping[str, str] | None = None) -> dict[str, str]:
+    """Let a session reach its embedded worker on loopback without cutting it off from the network.
+
+    The session's own servers (the worker's input channel) listen on 127.0.0.1 only
+    (``EPICS_PVAS_INTF_ADDR_LIST``). Its clients search 127.0.0.1 *as well as* the addresses the
+    beamline configured: ``127.0.0.1`` is appended to ``EPICS_PVA_ADDR_LIST`` and
+    ``EPICS_PVA_AUTO_ADDR_LIST`` is left as set, so pvAccess devices and a worker on another host
+    stay reachable. With no address list configured at all, the whole of :data:`LOOPBACK_ENV` is
+    set (a session on its own, as in the simulated beamline). Call it before the first pvapy
+    ``Channel`` or ``PvaServer`` of the process.
+
+    Returns
+    -------
+    dict
+        The variables changed.
+    """
+    target = os.environ if environ is None else environ
+    configured = target.get("EPICS_PVA_ADDR_LIST", "").split()
+    if not configured:
+        changes = dict(LOOPBACK_ENV)
+    else:
+        changes = {"EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1"}
+        if "127.0.0.1" not in configured:
+            changes["EPICS_PVA_ADDR_LIST"] = " ".join([*configured, "127.0.0.1"])
+    changes = {k: v for k, v in changes.items() if target.get(k) != v}
+    target.update(changes)
+    return changes
 
 
 # ---------------------------------------------------------------------------------------------
