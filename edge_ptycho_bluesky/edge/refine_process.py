@@ -377,6 +377,12 @@ class _Child:
         unpaired = [k for k in self.frames if k[0] == uid]
         if unpaired:  # the worker dropped these: refine them without a seed
             self._add(unpaired, with_patches=False)
+        if not self.refiner.stats.frames_used:
+            reason = (f"no usable frame reached the refiner ({len(self.paired)} paired, skipped "
+                      f"{dict(self.refiner.stats.skipped)}; frames must match the probe's size)")
+            self.conn.send_bytes(_encode("outcome", {"uid": uid, "reason": reason}))
+            self.run, self.refiner = None, None
+            return
         self.refiner.refine(seconds)
         self.publish(final=True)
         stats = {**self.refiner.stats.to_dict(), "frames_expected": expected,
