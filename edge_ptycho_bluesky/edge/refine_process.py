@@ -285,14 +285,21 @@ class _Child:
         self.last_publish = 0.0
         self.failed = ""
 
-    # pvAccess threads: only enqueue.
+    # pvAccess threads: only enqueue (bounded: while a run is being refined after its stop, the
+    # next run's frames wait here; beyond MAX_PENDING they are left to the AI path alone).
     def on_frame(self, frame: Any) -> None:
+        if self.inbox.qsize() >= 2 * MAX_PENDING:
+            self.ignored += 1
+            return
         self.inbox.put(("frame", frame))
 
     def on_reject(self, reason: str, detail: str, unique_id: int | None) -> None:
         logger.debug("refiner: frame rejected (%s): %s", reason, detail)
 
     def on_patch(self, patch: Any) -> None:
+        if self.inbox.qsize() >= 2 * MAX_PENDING:
+            self.ignored += 1
+            return
         self.inbox.put(("patch", patch))
 
     # main thread
