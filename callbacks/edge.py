@@ -67,7 +67,9 @@ class IsolatedCallback(DocumentRouter):
             return None
 
 
-def _motor_fields(start: dict[str, Any]) -> tuple[str, str]:
+def _motor_fields(start: dict[str, Any], meta: EdgePtychoMeta) -> tuple[str, str]:
+    if meta.position_keys is not None:
+        return meta.position_keys
     motors = start.get("motors") or []
     if len(motors) < 2:
         raise ValueError("the start document names no x/y motors ('motors'); cannot position frames")
@@ -163,7 +165,7 @@ class FrameForwarder(IsolatedCallback):
         self._image_key = self._image_key_default or meta.image_key
         # the worker scales each frame to its model's training exposure by this attribute
         self._run_attributes = {} if meta.exposure_s is None else {"exposure_s": meta.exposure_s}
-        self._fields = _motor_fields(doc)
+        self._fields = _motor_fields(doc, meta)
 
     def descriptor(self, doc: dict[str, Any]) -> None:
         if self._uid is None:
@@ -323,13 +325,13 @@ class _RunStitch:
         try:
             meta = EdgePtychoMeta.from_start(start)
             assert meta is not None
-            pixel_um = meta.pixel_size_nm * 1e-3
+            pixel = meta.pixel_size_nm * 1e-9 / meta.position_unit_m  # in the positions' unit
             (x0, x1), (y0, y1) = start["extents"]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError("the start document lacks edge_ptycho.geometry.pixel_size_nm or extents; "
                              "cannot place patches") from err
         corners = np.array([[x0, y0], [x1, y1]], dtype=np.float64)
-        self.grid = PhysicalGrid.from_positions(corners, pixel_um, order="xy", margin=margin)
+        self.grid = PhysicalGrid.from_positions(corners, pixel, order="xy", margin=margin)
         shape, origin = grid_from_positions(self.grid.to_pixels(corners, order="xy"), (FRAME_SIZE, FRAME_SIZE), margin)
         self.stitcher = IncrementalStitcher(shape, origin, weight=weight)
         self.uid = start["uid"]

@@ -23,6 +23,9 @@ Keys of the record (all optional but ``geometry`` for anything that reconstructs
 ``labelled``                  a source of rPIE training labels
 ``mode``, ``frame_rate_hz``   ``"fly"`` and the frame rate for fly scans
 ``streamed_to``               pvAccess channel the detector streamed its frames to (fly scans)
+``position_keys``             ``[x, y]`` data keys of the scan positions (default ``stage_x``, ``stage_y``)
+``position_units``            their unit: ``m``, ``mm``, ``um`` (default) or ``nm``; ``step_um`` and
+                              ``beam_diameter_nm`` are always in um and nm
 ``probe``                     complex probe, as an array, ``{"real": ..., "imag": ...}``, or a
                               reference to a ``.npy`` file ``{"file": PATH, "sha256": HEX}``
                               (:func:`probe_record`)
@@ -46,7 +49,7 @@ from numpy.typing import NDArray
 from .io.cxi import PtychoScan
 from .sim.geometry import Geometry
 
-__all__ = ["DEFAULT_IMAGE_KEY", "META_KEY", "STAGE_X_KEY", "STAGE_Y_KEY", "EdgePtychoMeta", "RunFormatError",
+__all__ = ["DEFAULT_IMAGE_KEY", "META_KEY", "POSITION_UNITS_M", "STAGE_X_KEY", "STAGE_Y_KEY", "EdgePtychoMeta", "RunFormatError",
            "geometry_record", "probe_record", "read_array", "read_scan"]
 
 logger = logging.getLogger(__name__)
@@ -58,6 +61,8 @@ DEFAULT_IMAGE_KEY = "ptycho_det_image"
 #: Data keys of the stage positions (micrometres) in the primary stream.
 STAGE_X_KEY = "stage_x"
 STAGE_Y_KEY = "stage_y"
+#: Metres per unit of the position units a run may record (``position_units``).
+POSITION_UNITS_M = {"m": 1.0, "mm": 1e-3, "um": 1e-6, "µm": 1e-6, "nm": 1e-9}
 
 
 class RunFormatError(ValueError):
@@ -88,6 +93,8 @@ class EdgePtychoMeta:
     mode: str | None = None
     frame_rate_hz: float | None = None
     streamed_to: str | None = None
+    position_keys: tuple[str, str] | None = None
+    position_units: str | None = None
     probe: Any = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -110,6 +117,14 @@ class EdgePtychoMeta:
                 values["num_points"] = int(values["num_points"])
             if values.get("frame_shape") is not None:
                 values["frame_shape"] = tuple(int(n) for n in values["frame_shape"])
+            if values.get("position_keys") is not None:
+                keys = tuple(str(k) for k in values["position_keys"])
+                if len(keys) != 2:
+                    raise ValueError(f"position_keys must be [x, y], got {values['position_keys']!r}")
+                values["position_keys"] = keys
+            units = values.get("position_units")
+            if units is not None and units not in POSITION_UNITS_M:
+                raise ValueError(f"position_units {units!r} is not one of {sorted(POSITION_UNITS_M)}")
             values["labelled"] = bool(values.get("labelled", False))
         except (TypeError, ValueError) as exc:
             raise RunFormatError(f"the {META_KEY} record has a bad value: {exc}") from exc
@@ -140,7 +155,7 @@ class EdgePtychoMeta:
             value = getattr(self, f.name)
             if f.name == "extra" or value is None:
                 continue
-            if f.name == "frame_shape":
+            if f.name in ("frame_shape", "position_keys"):
                 value = list(value)
             elif f.name == "geometry":
                 value = dict(value)
@@ -182,6 +197,16 @@ class EdgePtychoMeta:
         if record.get("pixel_size_nm") is not None:
             return float(record["pixel_size_nm"])
         return self.to_geometry().pixel_size_nm
+
+    @property
+    def xy_keys(self) -> tuple[str, str]:
+        """Data keys of the x and y positions."""
+        return self.position_keys or (STAGE_X_KEY, STAGE_Y_KEY)
+
+    @property
+    def position_unit_m(self) -> float:
+        """Metres per position unit (um unless the run records another)."""
+        return POSITION_UNITS_M[self.position_units or "um"]
 
     def probe_array(self, frame_shape: tuple[int, ...] | None = None) -> NDArray[np.complex64] | None:
         """The recorded complex probe ``(H, W)`` or ``(modes, H, W)``, or None.
@@ -293,9 +318,10 @@ def read_array(stream: Any, key: str) -> NDArray[Any]:
 def read_scan(run: Any) -> PtychoScan:
     """A stored raw ptychography run (a Tiled BlueskyRun node) as a scan.
 
-    Frames ``primary/<image_key>`` (read once; ``(N, 1, H, W)`` is squeezed), positions from
-    ``stage_x``/``stage_y`` (um) as metres, the recorded geometry, probe (when it matches the
-    frames) and exposure, and the run's uid.
+    Frames ``primary/<image_key>`` (read once; ``(N, 1, H, W)`` is squeezed), positions from the
+    recorded ``position_keys`` (default ``stage_x``/``stage_y``) in ``position_units`` (default um)
+    as metres, the recorded geometry, probe (when it matches the frames) and exposure, and the
+    run's uid.
 
     Raises
     ------
@@ -312,9 +338,10 @@ def read_scan(run: Any) -> PtychoScan:
     frames = read_array(stream, meta.frames_key)
     if frames.ndim == 4 and frames.shape[1] == 1:  # (N, 1, H, W) from some detectors
         frames = frames[:, 0]
-    x_um = np.asarray(read_array(stream, STAGE_X_KEY), dtype=np.float64).reshape(-1)
-    y_um = np.asarray(read_array(stream, STAGE_Y_KEY), dtype=np.float64).reshape(-1)
-    return PtychoScan(frames=frames, positions_m=np.column_stack([x_um, y_um]) * 1e-6,
+    x_key, y_key = meta.xy_keys
+    x = np.asarray(read_array(stream, x_key), dtype=np.float64).reshape(-1)
+    y = np.asarray(read_array(stream, y_key), dtype=np.float64).reshape(-1)
+    return PtychoScan(frames=frames, positions_m=np.column_stack([x, y]) * meta.position_unit_m,
                       geometry=meta.to_geometry(frame_size=frames.shape[-1]),
                       probe=meta.probe_array(frames.shape), uid=str(start.get("uid")),
                       exposure_s=meta.exposure_s, beam_diameter_nm=meta.beam_diameter_nm)

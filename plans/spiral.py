@@ -14,7 +14,7 @@ import numpy as np
 from bluesky.plans import list_scan
 from numpy.typing import NDArray
 
-from edge_ptycho_bluesky.runs import META_KEY, EdgePtychoMeta, geometry_record, probe_record
+from edge_ptycho_bluesky.runs import META_KEY, POSITION_UNITS_M, EdgePtychoMeta, geometry_record, probe_record
 from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
 
 logger = logging.getLogger(__name__)
@@ -88,11 +88,16 @@ def _check_limits(motor: Any, values: NDArray[np.float64]) -> None:
 
 def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, labelled: bool | None,
                      beam_size: float | None, geometry: dict[str, Any] | None = None,
-                     probe: dict[str, str] | None = None) -> dict[str, Any]:
+                     probe: dict[str, str] | None = None, motors: tuple[Any, Any] | None = None,
+                     position_units: str = "um") -> dict[str, Any]:
     """The run's ptychography record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`), as written:
     what a detector provides, with the plan's ``geometry`` and ``probe`` (already recorded forms)
     taking precedence."""
-    meta: dict[str, Any] = {"step_um": float(step), "num_points": int(num_points)}
+    um = POSITION_UNITS_M[position_units] / 1e-6  # micrometres per motor unit
+    meta: dict[str, Any] = {"step_um": float(step) * um, "num_points": int(num_points),
+                            "position_units": position_units}
+    if motors is not None:
+        meta["position_keys"] = [_fields(motors[0])[0], _fields(motors[1])[0]]
     for det in detectors:
         if hasattr(det, "ptycho_metadata"):
             meta.update(det.ptycho_metadata())
@@ -104,22 +109,24 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
     if probe is not None:
         meta["probe"] = probe
     if beam_size is not None:
-        meta["beam_diameter_nm"] = float(beam_size) * 1e3
+        meta["beam_diameter_nm"] = float(beam_size) * um * 1e3
     if "beam_diameter_nm" in meta:
-        meta["overlap_ratio"] = overlap_ratio(step * 1e3, meta["beam_diameter_nm"])
+        meta["overlap_ratio"] = overlap_ratio(meta["step_um"] * 1e3, meta["beam_diameter_nm"])
     if "photons_per_second" in meta and "exposure_s" in meta:
         photons = meta["photons_per_second"] * meta["exposure_s"]
         meta["photons_per_point"] = photons
-        meta["dose_photons_per_nm2"] = dose_photons_per_nm2(photons, step * 1e3)
+        meta["dose_photons_per_nm2"] = dose_photons_per_nm2(photons, meta["step_um"] * 1e3)
     if labelled is None:
         labelled = meta.get("overlap_ratio", 0.0) >= LABELLED_OVERLAP
     meta["labelled"] = bool(labelled)
     return EdgePtychoMeta.from_dict(meta).to_dict()
 
 
-def _recorded(geometry: Any, probe: Any) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
-    """The plan's ``geometry=`` and ``probe=`` arguments in their recorded forms (checked now, so a
-    bad argument fails before the scan moves anything)."""
+def _recorded(geometry: Any, probe: Any, position_units: str) -> tuple[dict[str, Any] | None, dict[str, str] | None]:
+    """The plan's ``geometry=`` and ``probe=`` arguments in their recorded forms (checked now, with
+    ``position_units``, so that a bad argument fails before the scan moves anything)."""
+    if position_units not in POSITION_UNITS_M:
+        raise ValueError(f"position_units={position_units!r}: use one of {sorted(POSITION_UNITS_M)}")
     return (None if geometry is None else geometry_record(geometry),
             None if probe is None else probe_record(probe))
 
@@ -176,6 +183,7 @@ def spiral_ptycho_scan(
     per_step: Any = None,
     geometry: Any = None,
     probe: Any = None,
+    position_units: str = "um",
     md: dict[str, Any] | None = None,
 ):
     """Fermat-spiral ptychography step scan.
@@ -212,6 +220,10 @@ def spiral_ptycho_scan(
     probe
         The probe for rPIE and the live refiner: a ``.npy`` file of the complex probe, or a model
         version's folder with its ``probe.npy`` (recorded as the file's path and sha256).
+    position_units
+        Unit of the motors' positions (and of ``step``, the centre and ``beam_size``): ``"um"``
+        (default, the simulated stage), ``"mm"``, ``"nm"`` or ``"m"``; recorded with the data
+        keys of the positions, so that everything reading the run converts them.
     md
         Extra metadata, merged key by key into the plan's (``md={"edge_ptycho": {...}}`` adds to
         the ptychography record).
@@ -227,7 +239,7 @@ def spiral_ptycho_scan(
     xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
     _check_limits(x_motor, xy[:, 0])
     _check_limits(y_motor, xy[:, 1])
-    geometry_md, probe_md = _recorded(geometry, probe)
+    geometry_md, probe_md = _recorded(geometry, probe, position_units)
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
     _md = _pattern_md("spiral_ptycho_scan", {
@@ -240,7 +252,8 @@ def spiral_ptycho_scan(
             for det in detectors:
                 if hasattr(det, "exposure_time"):
                     yield from bps.mv(det.exposure_time, exposure)
-        _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size, geometry_md, probe_md)
+        _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size, geometry_md, probe_md,
+                                         (x_motor, y_motor), position_units)
         return (yield from list_scan(detectors, x_motor, list(xy[:, 0]), y_motor, list(xy[:, 1]),
                                      per_step=per_step, md=merge_md(_md, md)))
 
@@ -296,6 +309,7 @@ def spiral_ptycho_flyscan(
     flush_period: float = 0.2,
     geometry: Any = None,
     probe: Any = None,
+    position_units: str = "um",
     md: dict[str, Any] | None = None,
 ):
     """Fermat-spiral ptychography fly scan: the detector free-runs at ``rate`` while the stage flies.
@@ -309,7 +323,7 @@ def spiral_ptycho_flyscan(
         reach Tiled (and any subscriber) while it flies.
     x_motor, y_motor
         The stage axes the detector records per frame (their names are the position data keys).
-    step, num_points, x_center, y_center, route, labelled, geometry, probe, md
+    step, num_points, x_center, y_center, route, labelled, geometry, probe, position_units, md
         As for :func:`spiral_ptycho_scan`.
     rate
         Frame rate in Hz (2000: the paper's 2 kHz).
@@ -338,7 +352,7 @@ def spiral_ptycho_flyscan(
     xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
     _check_limits(x_motor, xy[:, 0])
     _check_limits(y_motor, xy[:, 1])
-    geometry_md, probe_md = _recorded(geometry, probe)
+    geometry_md, probe_md = _recorded(geometry, probe, position_units)
     pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
                     "route": None if route is None else str(route)}
     _md = _pattern_md("spiral_ptycho_flyscan", {
@@ -372,7 +386,8 @@ def spiral_ptycho_flyscan(
     def inner():
         yield from bps.mv(detector.frame_rate, rate, detector.exposure_time, exposure)
         yield from bps.mv(x_motor, xy[0, 0], y_motor, xy[0, 1])
-        _md[META_KEY] = _ptycho_metadata([detector], step, num_points, labelled, None, geometry_md, probe_md)
+        _md[META_KEY] = _ptycho_metadata([detector], step, num_points, labelled, None, geometry_md, probe_md,
+                                         (x_motor, y_motor), position_units)
         _md.update(merge_md(_md, md))
         yield from bps.prepare(detector, {"positions": xy}, wait=True)
         return (yield from fly())

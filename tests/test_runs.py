@@ -44,6 +44,30 @@ def test_recorded_probe_is_decoded_by_one_rule() -> None:
     assert EdgePtychoMeta(probe=np.ones((8, 8))).probe_array() is None  # real, not a complex probe
 
 
+def test_position_keys_and_units_are_recorded_and_converted(RE, beamline, storage_config, tiled_client) -> None:
+    """Motors in mm: the record says so, and every reader converts (positions, step, live grid)."""
+    from edge_ptycho_bluesky.callbacks.edge import _RunStitch
+
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.1, num_points=4,
+                                   position_units="mm", beam_size=0.8))
+    run = get_run(tiled_client, uid)
+    start = run.metadata["start"]
+    meta = EdgePtychoMeta.from_start(start)
+    assert meta.position_keys == ("stage_x", "stage_y") and meta.position_units == "mm"
+    assert meta.step_um == pytest.approx(100.0) and meta.beam_diameter_nm == pytest.approx(800e3)
+    from edge_ptycho_bluesky.sim import overlap_ratio
+
+    assert meta.overlap_ratio == pytest.approx(overlap_ratio(100e3, 800e3))  # step and beam both in mm
+    x = np.asarray(run["primary"]["stage_x"].read())
+    np.testing.assert_allclose(read_scan(run).positions_m[:, 0], x * 1e-3)
+    grid = _RunStitch(start, 8, None).grid  # the live stitch: object pixels in mm
+    assert grid.pixel_size[0] == pytest.approx(meta.pixel_size_nm * 1e-6)
+    with pytest.raises(ValueError, match="position_units"):
+        RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.1, num_points=4,
+                              position_units="inch"))
+
+
 def test_a_stored_run_reads_as_one_scan(RE, beamline, storage_config, tiled_client) -> None:
     RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.1, num_points=6,
