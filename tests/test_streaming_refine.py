@@ -118,3 +118,25 @@ def test_options_are_checked():
     with pytest.raises(ValueError, match="alpha"):
         RefineOptions(alpha=3.0)
     assert RefineOptions.from_mapping({"threads": 2}).threads == 2
+
+
+def test_a_pass_over_the_newest_frames_touches_only_their_windows():
+    from edge_ptycho_bluesky.recon.reconstructor import RPIEReconstructor
+    from edge_ptycho_bluesky.recon.rpie_options import RPIEOptions
+
+    sample, frames, corners, _, _ = scan(0.9, 80)
+    rec = RPIEReconstructor(sample.phase.shape, probe=sample.probe * np.sqrt(EXPOSURE_S),
+                            options=RPIEOptions(update_probe=False, phase_reference=False, batching="compact"))
+    rec.add_frames(frames, corners)
+    before = rec.object
+    assert rec.update_frames([]) == 0.0 and rec.result().iterations == 0
+    error = rec.update_frames([78, 79])
+    after = rec.object
+    assert error > 0 and rec.result().iterations == 0            # not an iteration
+    changed = np.abs(after - before) > 0
+    window = np.zeros_like(changed)
+    for r, c in np.floor(corners[78:]).astype(int):
+        window[r:r + 129, c:c + 129] = True  # a sub-pixel position may round to the next pixel
+    assert changed.any() and not (changed & ~window).any()
+    with pytest.raises(ValueError, match="frame indices"):
+        rec.update_frames([80])

@@ -262,6 +262,36 @@ class RPIEReconstructor:
         sel = torch.as_tensor(mask, device=self.device)
         region[sel] = torch.as_tensor(vals.astype(np.complex64), device=self.device)[sel]
 
+    def update_frames(self, indices: ArrayLike) -> float:
+        """One object-only pass over the frames at ``indices`` (e.g. the newest, before a sweep
+        over all); not counted as an iteration (the error history, probe and illumination stay).
+        Returns the pass's error (those frames' amplitude error over all frames' counts).
+
+        Raises
+        ------
+        RPIEDivergenceError
+            When the pass makes the object non-finite (it is undone first).
+        """
+        self._merge_pending()
+        if self._amp is None or self._probe is None:
+            raise ValueError("no frames: call add_frames(frames, positions) first")
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return 0.0
+        if idx.min() < 0 or idx.max() >= len(self._positions):
+            raise ValueError(f"frame indices must lie in [0, {len(self._positions)}), got {idx.min()}..{idx.max()}")
+        if self._plan is None:
+            self._plan = self._build_plan()
+        t0 = time.perf_counter()
+        saved = self._object.clone()
+        with torch.no_grad():
+            err = self._epoch(subset=idx)
+        self._time_s += time.perf_counter() - t0
+        if not (math.isfinite(err) and bool(torch.isfinite(self._object).all())):
+            self._object = saved
+            raise RPIEDivergenceError(f"an rPIE pass over {idx.size} frames diverged (error {err!r}); undone")
+        return err
+
     def drop_oldest(self, count: int) -> None:
         """Forget the ``count`` oldest frames (their contribution stays in the object): a bounded
         frame buffer for long streams."""
@@ -442,8 +472,9 @@ class RPIEReconstructor:
         """Probe modes shifted by every sub-pixel bin: (Q, K, N, N)."""
         return torch.fft.ifft2(torch.fft.fft2(probe)[None] * self._plan["bin_ramps"][:, None])  # type: ignore[index]
 
-    def _epoch(self) -> float:
-        """One iteration over all frames; returns the normalised amplitude error."""
+    def _epoch(self, subset: NDArray[np.int64] | None = None) -> float:
+        """One iteration over all frames (or, object only, over ``subset``); returns the normalised
+        amplitude error of the frames visited."""
         plan = self._plan
         assert plan is not None and self._amp is not None and self._probe is not None
         opts = self.options
@@ -452,7 +483,7 @@ class RPIEReconstructor:
         obj = self._object
         probe = self._probe
         k_modes = probe.shape[0]
-        update_probe = opts.update_probe and self._iterations >= opts.probe_update_start
+        update_probe = opts.update_probe and self._iterations >= opts.probe_update_start and subset is None
         binned = opts.subpixel_bins is not None
         shifted = plan["any_shift"]
         freq = plan["freq"]
@@ -483,7 +514,10 @@ class RPIEReconstructor:
                                 dtype=torch.complex64, device=dev)
         err_parts: list[torch.Tensor] = []
 
-        if opts.batching == "random":
+        if subset is not None:
+            chunks = max(1, math.ceil(len(subset) / opts.batch_size))
+            order = [(None, np.sort(b)) for b in np.array_split(subset, chunks)]
+        elif opts.batching == "random":
             order = [(None, b) for b in np.array_split(self._rng.permutation(len(self._positions)), plan["nb"])]
         else:
             order = [(int(i), plan["batches"][i]) for i in self._rng.permutation(plan["nb"])]
@@ -586,6 +620,9 @@ class RPIEReconstructor:
                 self._probe = probe = orthogonalize_modes(probe)
             self._den_cache.clear()
             self._shift_cache = None
+        err = torch.stack(err_parts).double().sum() if err_parts else torch.zeros(())
+        if subset is not None:  # not an iteration: illumination and global phase stay as they were
+            return float(err.item()) / max(self._total_intensity, 1e-30)
         full = torch.zeros((h, w), dtype=torch.float32, device=dev)
         full[sr0:sr0 + sh, sc0:sc0 + sw] = illum
         self._illumination = full
@@ -597,7 +634,6 @@ class RPIEReconstructor:
             if self._shift_cache is not None:
                 self._shift_cache[0].mul_(rot)
                 self._shift_cache[1].mul_(rot.conj())
-        err = torch.stack(err_parts).double().sum() if err_parts else torch.zeros(())
         return float(err.item()) / max(self._total_intensity, 1e-30)
 
     # ------------------------------------------------------------------ results

@@ -13,7 +13,8 @@ window positions and, when the edge worker has inferred them, their phase patche
    0.3, seeding only never-lit pixels ended 0.85 against 0.91 for a scan seeded all at once).
    Pixels measured densely enough keep their iterative estimate. The
    patches are also stitched into the AI mosaic (:class:`~edge_ptycho_bluesky.stitching.IncrementalStitcher`).
-2. **Sweep.** :meth:`StreamingRefiner.sweep` runs one rPIE iteration (the project's own
+2. **Sweep.** :meth:`StreamingRefiner.sweep` runs an rPIE pass over the frames that arrived since
+   the last sweep, then one rPIE iteration (the project's own
    :class:`~edge_ptycho_bluesky.recon.reconstructor.RPIEReconstructor`) over every frame received so
    far, with the probe fixed (optionally refined once ``probe_refine_after`` frames have arrived).
    The frames live in a bounded buffer (``buffer_frames``): the oldest are forgotten first, their
@@ -217,6 +218,7 @@ class StreamingRefiner:
         self._intensity = (np.abs(p) ** 2 / float((np.abs(p) ** 2).max())).astype(np.float32)
         self._lit_sum = np.zeros(self.shape, dtype=np.float32)  # every accepted frame, dropped ones too
         self._received = 0
+        self._new = 0  # frames added since the last sweep (visited first by the next one)
         self.stats = RefineStats()
 
     # ------------------------------------------------------------------ frames in
@@ -273,6 +275,7 @@ class StreamingRefiner:
         for r, c in corner[ok].astype(np.int64):
             self._lit_sum[r:r + self.n, c:c + self.n] += self._intensity
         rec.add_frames(f, pos)
+        self._new += len(f)
         self._received += len(f)
         excess = rec.num_frames - self.options.buffer_frames
         if excess > 0:
@@ -329,6 +332,12 @@ class StreamingRefiner:
         torch.set_num_threads(self.options.threads)
         try:
             t0 = time.perf_counter()
+            buffered = self._rec.num_frames
+            newest = min(self._new, buffered)
+            if newest and newest < buffered:  # newest first, then all
+                self._rec.update_frames(np.arange(buffered - newest, buffered))
+                self.stats.frame_updates += newest
+            self._new = 0
             error = self._rec.iterate(1)[0]
             took = time.perf_counter() - t0
             self.stats.seconds += took
