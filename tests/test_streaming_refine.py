@@ -140,3 +140,5 @@ def test_a_pass_over_the_newest_frames_touches_only_their_windows():
     assert changed.any() and not (changed & ~window).any()
     with pytest.raises(ValueError, match="frame indices"):
         rec.update_frames([80])
+    # more frames than one of the plan's batches (80 frames in two batches of 40): split to fit
+    assert rec.update_frames(np.arange(20, 80)) > 0

@@ -515,7 +515,8 @@ class RPIEReconstructor:
         err_parts: list[torch.Tensor] = []
 
         if subset is not None:
-            chunks = max(1, math.ceil(len(subset) / opts.batch_size))
+            capacity = min(opts.batch_size, buf["o"].shape[0] - 1)  # the work buffers' batch size
+            chunks = max(1, math.ceil(len(subset) / capacity))
             order = [(None, np.sort(b)) for b in np.array_split(subset, chunks)]
         elif opts.batching == "random":
             order = [(None, b) for b in np.array_split(self._rng.permutation(len(self._positions)), plan["nb"])]
