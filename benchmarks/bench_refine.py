@@ -36,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edge_ptycho_bluesky.metrics import compare
@@ -69,13 +70,10 @@ def stream(scan, patches, rate: float, seconds: float, threads: int, chunk: int 
             ref.sweep()
     during = ref.stats.sweeps
     scores, elapsed = {}, 0.0
-    for checkpoint in (c for c in CHECKPOINTS_S if c <= seconds) if seconds else ():
+    for checkpoint in sorted({c for c in CHECKPOINTS_S if c < seconds} | {seconds}):
         ref.refine(checkpoint - elapsed)
         elapsed = checkpoint
         scores[checkpoint] = float(compare(scan.truth, ref.image, mask)["ssim"])
-    if seconds and seconds not in scores:
-        ref.refine(seconds - elapsed)
-        scores[seconds] = float(compare(scan.truth, ref.image, mask)["ssim"])
     return ref, during, scores
 
 
@@ -93,15 +91,17 @@ def quality(args: argparse.Namespace) -> None:
         ai = float(compare(scan.truth, ref.ai_image, scan.mask())["ssim"])
         alone, _, rpie = stream(scan, None, args.rate, args.seconds, args.threads)
         final = refined[args.seconds]
+        low, high = np.percentile(ref.density[scan.mask()], [5, 100])
         print(f"{overlap:>7g} {args.points:>6d} {ai:>6.3f} {rpie[args.seconds]:>6.3f} {final:>7.3f}   "
               + ", ".join(f"{v:.3f}" for v in refined.values())
               + f";  {ref.stats.frame_updates_per_s:,.0f} ({during} sweeps during the scan, "
-              f"{ref.stats.sweeps} in all)")
+              f"{ref.stats.sweeps} in all); frame density {low:.2f}-{high:.2f} (5th percentile-max)")
         record("refine", model=mv.manifest["model"], rate=args.rate, ssim=final, overlap=overlap,
                frames_published=args.points, ssim_ai=ai, ssim_rpie_alone=rpie[args.seconds],
                ssim_refined_at=refined, refine_seconds=args.seconds, threads=args.threads,
                frame_updates_per_s=ref.stats.frame_updates_per_s, sweeps=ref.stats.sweeps,
-               sweeps_during_scan=during, rpie_alone_sweeps=alone.stats.sweeps)
+               sweeps_during_scan=during, rpie_alone_sweeps=alone.stats.sweeps,
+               frame_density_p5=float(low), frame_density_max=float(high))
 
 
 def siemens(args: argparse.Namespace) -> None:

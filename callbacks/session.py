@@ -155,12 +155,9 @@ class EdgeSession:
 
     def _deployed_probe(self) -> Any:
         """The deployed model version's probe (for runs that record none), or None."""
-        import numpy as np
-
         try:
             version = ModelRegistry(self.config.registry, create=False).current(verify=False)
-            path = None if version is None else version.probe_path
-            return None if path is None else np.load(path)
+            return None if version is None else version.load_probe()
         except (RegistryError, OSError, ValueError):
             return None
 

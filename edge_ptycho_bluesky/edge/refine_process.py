@@ -354,12 +354,13 @@ class _Child:
         except ValueError as exc:
             logger.warning("refiner: %d frames not added: %s", len(keys), exc)
 
-    def publish(self, final: bool = False) -> None:
+    def publish(self, final: bool = False) -> NDArray[np.float32] | None:
+        """Serve the refined image (at most once per PUBLISH_INTERVAL_S unless ``final``); returns it."""
         if self.run is None or self.refiner is None or not self.refiner.stats.frames_used:
-            return
+            return None
         now = time.monotonic()
         if not final and now - self.last_publish < PUBLISH_INTERVAL_S:
-            return
+            return None
         self.last_publish = now
         phase = self.refiner.image
         stats = self.refiner.stats.to_dict()
@@ -369,6 +370,7 @@ class _Child:
             "seconds": float(stats["seconds"]), "final": int(final)})
         if not final:
             self.conn.send_bytes(_encode("image", {"uid": self.run.uid, "stats": stats}, phase=phase))
+        return phase
 
     def end(self, uid: str, expected: int, seconds: float) -> None:
         run = self.run
@@ -391,10 +393,10 @@ class _Child:
             self.run, self.refiner = None, None
             return
         self.refiner.refine(seconds)
-        self.publish(final=True)
+        phase = self.publish(final=True)
         stats = {**self.refiner.stats.to_dict(), "frames_expected": expected,
                  "frames_without_patch": len(unpaired), "refine_seconds_after_scan": seconds}
-        self.conn.send_bytes(_encode("outcome", {"uid": uid, "stats": stats}, phase=self.refiner.image))
+        self.conn.send_bytes(_encode("outcome", {"uid": uid, "stats": stats}, phase=phase))
         self.run, self.refiner = None, None
         self.frames = {k: v for k, v in self.frames.items() if k[0] != uid}
         self.patches = {k: v for k, v in self.patches.items() if k[0] != uid}

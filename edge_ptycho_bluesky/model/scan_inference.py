@@ -275,14 +275,14 @@ def refinement_probe(loaded: LoadedScan, registry: str | Path, version: str,
     elif loaded.scan.probe is not None:
         probe, source = loaded.scan.probe, "scan"
     else:
-        path = ModelRegistry(registry, create=False).get(version).probe_path
-        if path is None:
+        probe = ModelRegistry(registry, create=False).get(version).load_probe()
+        if probe is None:
             raise ValueError(
                 "no probe to refine with: the scan records none (a CXI file's "
                 "/entry_1/instrument_1/source_1/illumination, or the run's probe) and model version "
                 f"{version} has no probe.npy; pass --probe FILE.npy (e.g. the probe of an rPIE "
                 "reconstruction: `edge-ptycho recon` writes it as the output's illumination)")
-        probe, source = np.load(path), f"model {version}"
+        source = f"model {version}"
     probe = np.asarray(probe)
     if probe.ndim == 3:
         probe = probe[0]

@@ -9,8 +9,8 @@ window positions and, when the edge worker has inferred them, their phase patche
 1. **Seed.** Where the canvas has no estimate yet, the window starts from the network's patch
    (``exp(i phase)``). "No estimate yet" means a frame density (see 4.) still below
    ``min_density``: sweeps over the edge of a growing scan, where a frame has few neighbours yet,
-   leave poor values that are better replaced by the network's (on the letters scans at overlap
-   0.3, seeding only never-lit pixels ended 0.85 against 0.91 for a scan seeded all at once).
+   leave poor values that are better replaced by the network's (seeding only never-lit pixels
+   left those values in place, and a scan streamed in chunks ended below one seeded all at once).
    Pixels measured densely enough keep their iterative estimate. The
    patches are also stitched into the AI mosaic (:class:`~edge_ptycho_bluesky.stitching.IncrementalStitcher`).
 2. **Sweep.** :meth:`StreamingRefiner.sweep` runs an rPIE pass over the frames that arrived since
@@ -28,8 +28,8 @@ window positions and, when the edge worker has inferred them, their phase patche
    its peak) summed over the frames that lit a pixel and averaged over a beam-sized square. Below
    ``min_density`` the AI mosaic is kept, above ``full_density`` the refined object, linearly
    between. On the simulated beamline (letters, 200-frame Fermat spirals) the density over the
-   scanned area is 18-34 at overlap 0.9, 0.67-0.99 at 0.3 and 0.01-0.44 at 0 (5th percentile to
-   maximum), so the defaults (0.45, 0.7) take the refined image at 0.9 and 0.3 and the AI image
+   scanned area is 18-36 at overlap 0.9, 0.67-1.11 at 0.3 and 0.01-0.44 at 0 (5th percentile to
+   maximum, ``benchmarks/bench_refine.py``), so the defaults (0.45, 0.7) take the refined image at 0.9 and 0.3 and the AI image
    at 0. The AI mosaic's
    constant phase offset (which one frame's counts cannot fix) is aligned to the refined object's
    where both are trusted, so the blend has no seam.
@@ -95,8 +95,7 @@ class RefineOptions:
         Frames per rPIE mini-batch.
     batching : {"compact", "sparse"}
         rPIE's grouping of frames into batches (see :class:`RPIEOptions`). Compact batches touch
-        only their own part of the canvas: faster on large canvases, and on the letters test
-        scans at overlap 0.3 better within 10 s (SSIM 0.84 against 0.79 for sparse).
+        only their own part of the canvas: faster on large canvases (sparse scans).
     seed : int
         Seeds rPIE's batch order.
     """
@@ -303,18 +302,22 @@ class StreamingRefiner:
             self._ai = IncrementalStitcher(self.shape, patch_shape=(h, w), weight=weight, fill=0.0)
         self._ai.add(patches, pos + off)
         lit = self._lit[(self.n - h) // 2:(self.n - h) // 2 + h, (self.n - w) // 2:(self.n - w) // 2 + w]
+        corners = np.rint(pos + off).astype(np.int64)
+        corners = np.clip(corners, 0, np.array(self.shape) - (h, w))
         # No estimate yet: pixels too sparsely measured so far for rPIE to have fixed them (sweeps
         # over the edge of a growing scan leave poor values there), and not seeded by this chunk.
-        unsettled = self.density < self.options.min_density
-        seeded = np.zeros(self.shape, dtype=bool)
+        # The density is computed only around this chunk's windows (the filter needs half a beam more).
+        top, left = corners.min(axis=0)
+        bottom, right = corners.max(axis=0) + (h, w)
+        unsettled = self._density_in(top, bottom, left, right) < self.options.min_density
+        seeded = np.zeros(unsettled.shape, dtype=bool)
         assert self._rec is not None
-        for (r, c), patch in zip(np.rint(pos + off).astype(np.int64), patches):
-            r = min(max(r, 0), self.shape[0] - h)
-            c = min(max(c, 0), self.shape[1] - w)
-            new = lit & unsettled[r:r + h, c:c + w] & ~seeded[r:r + h, c:c + w]
+        for (r, c), patch in zip(corners, patches):
+            window = (slice(r - top, r - top + h), slice(c - left, c - left + w))
+            new = lit & unsettled[window] & ~seeded[window]
             if new.any():
                 self._rec.seed_object((r, c), np.exp(1j * patch).astype(np.complex64), new)
-            seeded[r:r + h, c:c + w] |= lit
+            seeded[window] |= lit
 
     # ------------------------------------------------------------------ sweeps
 
@@ -378,7 +381,16 @@ class StreamingRefiner:
     @property
     def density(self) -> NDArray[np.float32]:
         """Frames per pixel (probe intensity normalised to its peak), averaged over a beam-sized square."""
-        return uniform_filter(self._lit_sum, size=max(int(round(self.beam_diameter_px)), 1)).astype(np.float32)
+        return self._density_in(0, self.shape[0], 0, self.shape[1])
+
+    def _density_in(self, top: int, bottom: int, left: int, right: int) -> NDArray[np.float32]:
+        """:attr:`density` on rows ``top:bottom`` and columns ``left:right`` only (the same values)."""
+        size = max(round(self.beam_diameter_px), 1)
+        pad = size // 2 + 1
+        r0, c0 = max(top - pad, 0), max(left - pad, 0)
+        r1, c1 = min(bottom + pad, self.shape[0]), min(right + pad, self.shape[1])
+        local = uniform_filter(self._lit_sum[r0:r1, c0:c1], size=size)
+        return local[top - r0:bottom - r0, left - c0:right - c0].astype(np.float32)
 
     @property
     def ai_image(self) -> NDArray[np.float32] | None:

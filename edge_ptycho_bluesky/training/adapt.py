@@ -158,7 +158,7 @@ def adapt_scan(
         probe = scan.probe
     if probe is None and mv.probe_path is not None:
         logger.info("adapt: scan %s records no probe: using the one %s was trained with", scan.uid, mv.version)
-        probe = np.load(mv.probe_path)
+        probe = mv.load_probe()
     if probe is None:
         raise ValueError(
             f"scan {scan.uid or ''} records no probe, nor does the deployed {mv.version}, and the physics loss "

@@ -86,6 +86,13 @@ class ModelVersion:
         """Path of the probe the model was trained with (``probe.npy``), or None."""
         return self.path / PROBE_NAME if PROBE_NAME in self.manifest.get("files", {}) else None
 
+    def load_probe(self) -> Any:
+        """The probe the model was trained with, a complex ``(N, N)`` array, or None."""
+        import numpy as np
+
+        path = self.probe_path
+        return None if path is None else np.load(path, allow_pickle=False)
+
     @property
     def parent(self) -> str | None:
         """The version this one was trained from, or None."""
