@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 
 from edge_ptycho_bluesky import FRAME_SIZE
 from edge_ptycho_bluesky.derived import emit_derived_run
-from edge_ptycho_bluesky.runs import EdgePtychoMeta
+from edge_ptycho_bluesky.runs import EdgePtychoMeta, image_key_of
 from edge_ptycho_bluesky.stitching import IncrementalStitcher
 from edge_ptycho_bluesky.stitching_grid import PhysicalGrid, grid_from_positions
 
@@ -171,8 +171,7 @@ class FrameForwarder(IsolatedCallback):
         if self._uid is None:
             return
         if self._image_key is None:
-            self._image_key = next((key for key, info in doc["data_keys"].items()
-                                    if info.get("external") and len(info.get("shape") or []) >= 2), None)
+            self._image_key = image_key_of(doc["data_keys"])
         if self._image_key in doc["data_keys"]:
             self._descriptors.add(doc["uid"])
 

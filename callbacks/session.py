@@ -9,6 +9,10 @@ What ``profile_collection/startup/40-edge.py`` calls.  :func:`start_edge_session
     frames + patches (pvAccess) --> refiner process (AI-seeded rPIE) --> ptycho:edge:image
                                         (run start/stop and its result: through the live stitch)
 
+With a detector's own PVA plugin (``EDGE_PTYCHO_EDGE_DETECTOR``), a :class:`DetectorRelay`
+takes the frame forwarder's place for live scans: detector channel --> relay (run uid, frame
+index, position from NDAttributes) --> the worker's input.
+
 The environment variables that configure it are read by
 :meth:`edge_ptycho_bluesky.edge.session.EdgeSessionConfig.from_env` (see that module).
 """
@@ -30,6 +34,7 @@ from edge_ptycho_bluesky.storage import get_run, make_tiled_writer, replay
 from edge_ptycho_bluesky.training.registry import ModelRegistry
 from edge_ptycho_bluesky.training.registry_checks import RegistryError
 
+from .detector_relay import DetectorRelay
 from .edge import FrameForwarder, LiveStitchCallback
 from .plot import LivePhasePlot
 
@@ -62,7 +67,10 @@ class EdgeSession:
     Attributes
     ----------
     forwarder : FrameForwarder or None
-        None with an external worker (it reads the detector's channel itself).
+        None with an external worker (it reads the detector's channel itself). With a detector
+        relay it only serves :meth:`replay`.
+    relay : DetectorRelay or None
+        The live frames of the detector's own channel (``config.detector_pv``), or None.
     stitch : LiveStitchCallback
         ``stitch.results[uid]`` holds each run's stitched image; its derived run is in Tiled.
     plot : LivePhasePlot or None
@@ -87,6 +95,7 @@ class EdgeSession:
         self.worker_log: Path | None = None
         self.worker_stats: dict[str, Any] = {}  # the embedded worker's final statistics, after close()
         self.refiner: Any = None
+        self.relay: DetectorRelay | None = None
         self._tokens: list[int] = []
         self._closed = False
         if config.worker == "embedded":
@@ -97,9 +106,10 @@ class EdgeSession:
             if changed:
                 logger.info("edge: pvAccess settings for the embedded worker on loopback: %s",
                             ", ".join(f"{k}={v}" for k, v in changed.items()))
-        # The embedded worker's input is served here; an external worker reads the detector's own
-        # channel (input_pv), which this session must not serve too.
-        self.publisher = FramePublisher(config.input_pv) if config.worker == "embedded" else None
+        # The embedded worker's input is served here, and so is a detector relay's; an external worker
+        # without a relay reads the detector's own channel (input_pv), which this session must not serve.
+        serve_input = config.worker == "embedded" or config.detector_pv is not None
+        self.publisher = FramePublisher(config.input_pv) if serve_input else None
         try:
             if config.worker == "embedded":
                 self._start_worker(Path(storage.data_dir), worker_timeout)
@@ -116,10 +126,16 @@ class EdgeSession:
                                "patches will be stitched once it appears", config.output_pv)
             self.forwarder = (None if self.publisher is None
                               else FrameForwarder(self.publisher, path_map=dict(config.path_map)))
+            if config.detector_pv is not None:
+                assert self.publisher is not None
+                self.relay = DetectorRelay(config.detector_pv, self.publisher,
+                                           position_attributes=config.position_attributes,
+                                           position_scale=config.position_scale).start()
             show = gui_backend() if plot is None else plot
             refined = None if self.refiner is None else (lambda: self.refiner.latest)
             self.plot = LivePhasePlot(self.stitch, refined=refined) if show else None
-            for cb in (self.forwarder, self.stitch, self.plot):
+            live_frames = self.relay if self.relay is not None else self.forwarder
+            for cb in (live_frames, self.stitch, self.plot):
                 if cb is not None:
                     self._tokens.append(RE.subscribe(cb))
         except BaseException:
@@ -226,6 +242,8 @@ class EdgeSession:
                 self.RE.unsubscribe(token)
             except Exception:
                 logger.debug("unsubscribe failed", exc_info=True)
+        if self.relay is not None:
+            self.relay.close()
         forwarder = getattr(self, "forwarder", None)
         if forwarder is not None:
             forwarder.flush(5.0)

@@ -315,10 +315,31 @@ def read_array(stream: Any, key: str) -> NDArray[Any]:
     raise KeyError(f"data key {key!r} not found in stream {stream!r}")
 
 
+def image_key_of(data_keys: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The frames of a detector that records no ``image_key``: the first data key that is
+    external (in a file) and at least 2-D, or None."""
+    return next((key for key, info in data_keys.items()
+                 if info.get("external") and len(info.get("shape") or []) >= 2), None)
+
+
+def _frames_key(meta: EdgePtychoMeta, stream: Any) -> str:
+    if meta.image_key:
+        return meta.image_key
+    try:
+        for descriptor in stream.descriptors:
+            key = image_key_of(descriptor.get("data_keys", {}))
+            if key is not None:
+                return key
+    except (AttributeError, KeyError, TypeError):
+        pass
+    return meta.frames_key
+
+
 def read_scan(run: Any) -> PtychoScan:
     """A stored raw ptychography run (a Tiled BlueskyRun node) as a scan.
 
-    Frames ``primary/<image_key>`` (read once; ``(N, 1, H, W)`` is squeezed), positions from the
+    Frames ``primary/<image_key>`` (read once; ``(N, 1, H, W)`` is squeezed; without a recorded
+    ``image_key``, the first external 2-D data key: :func:`image_key_of`), positions from the
     recorded ``position_keys`` (default ``stage_x``/``stage_y``) in ``position_units`` (default um)
     as metres, the recorded geometry, probe (when it matches the frames) and exposure, and the
     run's uid.
@@ -335,7 +356,7 @@ def read_scan(run: Any) -> PtychoScan:
     assert meta is not None
     meta.require_geometry()
     stream = run["primary"]
-    frames = read_array(stream, meta.frames_key)
+    frames = read_array(stream, _frames_key(meta, stream))
     if frames.ndim == 4 and frames.shape[1] == 1:  # (N, 1, H, W) from some detectors
         frames = frames[:, 0]
     x_key, y_key = meta.xy_keys

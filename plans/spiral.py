@@ -14,8 +14,10 @@ import numpy as np
 from bluesky.plans import list_scan
 from numpy.typing import NDArray
 
-from edge_ptycho_bluesky.runs import META_KEY, POSITION_UNITS_M, EdgePtychoMeta, geometry_record, probe_record
-from edge_ptycho_bluesky.sim import dose_photons_per_nm2, fermat_spiral, overlap_ratio, paper_route
+from edge_ptycho_bluesky.runs import (META_KEY, POSITION_UNITS_M, EdgePtychoMeta, RunFormatError, geometry_record,
+                                     probe_record)
+from edge_ptycho_bluesky.sim import (beam_diameter_nm, dose_photons_per_nm2, fermat_spiral, overlap_ratio,
+                                     paper_route)
 
 logger = logging.getLogger(__name__)
 
@@ -86,18 +88,46 @@ def _check_limits(motor: Any, values: NDArray[np.float64]) -> None:
             f"is [{low:.4g}, {high:.4g}]: reduce step or num_points, or recentre the scan")
 
 
+def exposure_signal(detector: Any) -> Any:
+    """The signal of a detector's exposure time: the simulated detectors' ``exposure_time``, an
+    ophyd-async areaDetector's ``driver.acquire_time``, an ophyd areaDetector's ``cam.acquire_time``
+    (None when it has none)."""
+    for path in (("exposure_time",), ("driver", "acquire_time"), ("cam", "acquire_time")):
+        obj = detector
+        for part in path:
+            obj = getattr(obj, part, None)
+        if obj is not None:
+            return obj
+    return None
+
+
+def _beam_diameter_from_probe(meta: dict[str, Any]) -> float | None:
+    """The recorded probe's beam diameter (nm), for the overlap when nothing else gives it."""
+    try:
+        record = EdgePtychoMeta.from_dict(meta)
+        probe = record.probe_array()
+        return None if probe is None else beam_diameter_nm(probe if probe.ndim == 2 else probe[0],
+                                                           record.pixel_size_nm)
+    except (RunFormatError, ValueError) as exc:
+        logger.warning("no beam diameter from the probe: %s", exc)
+        return None
+
+
 def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, labelled: bool | None,
                      beam_size: float | None, geometry: dict[str, Any] | None = None,
                      probe: dict[str, str] | None = None, motors: tuple[Any, Any] | None = None,
-                     position_units: str = "um") -> dict[str, Any]:
+                     position_units: str = "um", exposure_s: float | None = None) -> dict[str, Any]:
     """The run's ptychography record (:class:`~edge_ptycho_bluesky.runs.EdgePtychoMeta`), as written:
     what a detector provides, with the plan's ``geometry`` and ``probe`` (already recorded forms)
-    taking precedence."""
+    taking precedence; ``exposure_s`` is the exposure read from a detector that reports nothing
+    else. Without ``beam_size`` or a detector's beam diameter, the probe's gives the overlap."""
     um = POSITION_UNITS_M[position_units] / 1e-6  # micrometres per motor unit
     meta: dict[str, Any] = {"step_um": float(step) * um, "num_points": int(num_points),
                             "position_units": position_units}
     if motors is not None:
         meta["position_keys"] = [_fields(motors[0])[0], _fields(motors[1])[0]]
+    if exposure_s is not None:
+        meta["exposure_s"] = float(exposure_s)
     for det in detectors:
         if hasattr(det, "ptycho_metadata"):
             meta.update(det.ptycho_metadata())
@@ -110,6 +140,10 @@ def _ptycho_metadata(detectors: Sequence[Any], step: float, num_points: int, lab
         meta["probe"] = probe
     if beam_size is not None:
         meta["beam_diameter_nm"] = float(beam_size) * um * 1e3
+    elif "beam_diameter_nm" not in meta and probe is not None and geometry is not None:
+        diameter = _beam_diameter_from_probe(meta)
+        if diameter is not None:
+            meta["beam_diameter_nm"] = diameter
     if "beam_diameter_nm" in meta:
         meta["overlap_ratio"] = overlap_ratio(meta["step_um"] * 1e3, meta["beam_diameter_nm"])
     if "photons_per_second" in meta and "exposure_s" in meta:
@@ -248,12 +282,13 @@ def spiral_ptycho_scan(
         xy, x_motor, y_motor, pattern_args)
 
     def inner():
+        signals = [s for s in map(exposure_signal, detectors) if s is not None]
         if exposure is not None:
-            for det in detectors:
-                if hasattr(det, "exposure_time"):
-                    yield from bps.mv(det.exposure_time, exposure)
+            for signal in signals:
+                yield from bps.mv(signal, exposure)
+        exposure_s = (yield from bps.rd(signals[0])) if signals else None
         _md[META_KEY] = _ptycho_metadata(detectors, step, num_points, labelled, beam_size, geometry_md, probe_md,
-                                         (x_motor, y_motor), position_units)
+                                         (x_motor, y_motor), position_units, exposure_s)
         return (yield from list_scan(detectors, x_motor, list(xy[:, 0]), y_motor, list(xy[:, 1]),
                                      per_step=per_step, md=merge_md(_md, md)))
 

@@ -37,6 +37,16 @@ Environment variables (all optional):
     probe stays as given). For measured data, whose recorded probe is seldom exact: on the measured
     Siemens star, refining it from the 258th of 516 frames took the refined image from SSIM 0.07 to
     0.67 against offline rPIE (docs/benchmarks.md).
+``EDGE_PTYCHO_EDGE_DETECTOR``
+    The pvAccess channel of a detector's own PVA plugin (e.g. ``13SIM1:Pva1:Image``): its frames
+    are inferred live as they are taken. The session relays each frame that falls within a run
+    to the worker's input with the run's uid, its index in the run and its position, read from
+    the frame's NDAttributes (:class:`~edge_ptycho_bluesky.callbacks.detector_relay.DetectorRelay`);
+    step scans' frames are then not forwarded from the documents (``edge.replay`` still is).
+``EDGE_PTYCHO_EDGE_POSITION_ATTRIBUTES``
+    The NDAttributes holding a frame's x and y (default ``SampleX,SampleY``, what the simulated
+    IOC's NDAttributes give); ``EDGE_PTYCHO_EDGE_POSITION_SCALE`` multiplies them into the scan's
+    position units (default 1).
 ``EDGE_PTYCHO_EDGE_PATH_MAP``
     Where this machine reads a detector's files when the IOC writes them under another path:
     ``IOC_PREFIX=LOCAL_PREFIX`` pairs separated by ``;`` (e.g. ``/data/ioc=/mnt/beamline``).
@@ -64,6 +74,11 @@ ENV_REFINE_SECONDS = "EDGE_PTYCHO_EDGE_REFINE_SECONDS"
 ENV_IMAGE = "EDGE_PTYCHO_EDGE_IMAGE"
 ENV_PATH_MAP = "EDGE_PTYCHO_EDGE_PATH_MAP"
 ENV_REFINE_PROBE_AFTER = "EDGE_PTYCHO_EDGE_REFINE_PROBE_AFTER"
+ENV_DETECTOR = "EDGE_PTYCHO_EDGE_DETECTOR"
+ENV_POSITION_ATTRIBUTES = "EDGE_PTYCHO_EDGE_POSITION_ATTRIBUTES"
+ENV_POSITION_SCALE = "EDGE_PTYCHO_EDGE_POSITION_SCALE"
+#: NDAttributes with a frame's position, by default (the simulated IOC's).
+DEFAULT_POSITION_ATTRIBUTES = ("SampleX", "SampleY")
 #: Channel of the live refined image.
 DEFAULT_IMAGE_PV = "ptycho:edge:image"
 
@@ -115,6 +130,13 @@ class EdgeSessionConfig:
         Frames after which the refiner refines the probe (None: never).
     path_map : tuple of (str, str)
         ``(IOC prefix, local prefix)`` pairs for the frame files (the frame forwarder's ``path_map``).
+    detector_pv : str or None
+        A detector's own NTNDArray channel whose frames are relayed live (None: frames are
+        forwarded from the documents).
+    position_attributes : (str, str)
+        The NDAttributes of its frames' x and y.
+    position_scale : float
+        Multiplies them into the scan's position units.
     """
 
     enabled: bool = True
@@ -130,8 +152,16 @@ class EdgeSessionConfig:
     image_pv: str = DEFAULT_IMAGE_PV
     refine_probe_after: int | None = None
     path_map: tuple[tuple[str, str], ...] = ()
+    detector_pv: str | None = None
+    position_attributes: tuple[str, str] = DEFAULT_POSITION_ATTRIBUTES
+    position_scale: float = 1.0
 
     def __post_init__(self) -> None:
+        if len(self.position_attributes) != 2 or not all(self.position_attributes):
+            raise ValueError(f"{ENV_POSITION_ATTRIBUTES}={','.join(self.position_attributes)!r}: give two names, X,Y")
+        if not (isinstance(self.position_scale, (int, float)) and self.position_scale != 0
+                and abs(self.position_scale) < float("inf")):
+            raise ValueError(f"{ENV_POSITION_SCALE}={self.position_scale!r}: give a finite, non-zero factor")
         if self.worker not in ("embedded", "external"):
             raise ValueError(f"{ENV_WORKER}={self.worker!r}: use 'embedded' or 'external'")
         if not (isinstance(self.refine_seconds, (int, float)) and 0 <= self.refine_seconds < 3600):
@@ -149,6 +179,11 @@ class EdgeSessionConfig:
         probe_after = env.get(ENV_REFINE_PROBE_AFTER)
         if probe_after and not probe_after.strip().isdigit():
             raise ValueError(f"{ENV_REFINE_PROBE_AFTER}={probe_after!r} is not a number of frames")
+        try:
+            position_scale = float(env.get(ENV_POSITION_SCALE) or 1.0)
+        except ValueError as exc:
+            raise ValueError(f"{ENV_POSITION_SCALE}={env.get(ENV_POSITION_SCALE)!r} is not a number") from exc
+        attributes = env.get(ENV_POSITION_ATTRIBUTES)
         return cls(enabled=not switched_off(env.get(ENV_ENABLE)),
                    worker=env.get(ENV_WORKER, "embedded").strip().lower() or "embedded",
                    registry=Path(registry).expanduser(),
@@ -160,4 +195,8 @@ class EdgeSessionConfig:
                    refine_seconds=refine_seconds,
                    image_pv=env.get(ENV_IMAGE) or DEFAULT_IMAGE_PV,
                    refine_probe_after=int(probe_after) if probe_after else None,
-                   path_map=parse_path_map(env.get(ENV_PATH_MAP) or ""))
+                   path_map=parse_path_map(env.get(ENV_PATH_MAP) or ""),
+                   detector_pv=(env.get(ENV_DETECTOR) or "").strip() or None,
+                   position_attributes=(tuple(n.strip() for n in attributes.split(","))  # type: ignore[arg-type]
+                                        if attributes else DEFAULT_POSITION_ATTRIBUTES),
+                   position_scale=position_scale)
