@@ -345,6 +345,8 @@ def spiral_ptycho_flyscan(
     geometry: Any = None,
     probe: Any = None,
     position_units: str = "um",
+    frames_per_point: int = 2,
+    position_keys: tuple[str, str] = ("SampleX", "SampleY"),
     md: dict[str, Any] | None = None,
 ):
     """Fermat-spiral ptychography fly scan: the detector free-runs at ``rate`` while the stage flies.
@@ -352,10 +354,15 @@ def spiral_ptycho_flyscan(
     Parameters
     ----------
     detector
-        A fly-scan detector (:class:`~edge_ptycho_bluesky.devices.FlyingPtychoDetector`, the
-        simulated beamline's ``fly_det``): prepared with the trajectory, kicked off, completed,
-        and collected every ``flush_period`` seconds, so its StreamResource/StreamDatum documents
-        reach Tiled (and any subscriber) while it flies.
+        A fly-scan detector: the simulated beamline's ``fly_det``
+        (:class:`~edge_ptycho_bluesky.devices.FlyingPtychoDetector`), prepared with the trajectory;
+        or an ophyd-async detector (``StandardDetector``, e.g. ``adsimdetector.SimDetector``),
+        prepared with a ``TriggerInfo`` of ``num_points * frames_per_point`` frames at ``rate``
+        while the plan walks the stage along the route, one point every ``frames_per_point``
+        frame periods (the positions recorded are those the hardware reports for each frame,
+        ``position_keys``). Either is kicked off, completed, and collected every
+        ``flush_period`` seconds, so its StreamResource/StreamDatum documents reach Tiled (and
+        any subscriber) while it flies.
     x_motor, y_motor
         The stage axes the detector records per frame (their names are the position data keys).
     step, num_points, x_center, y_center, route, labelled, geometry, probe, position_units, md
@@ -364,6 +371,10 @@ def spiral_ptycho_flyscan(
         Frame rate in Hz (2000: the paper's 2 kHz).
     exposure
         Exposure per frame (s); default ``1 / rate`` (no dead time).
+    frames_per_point, position_keys
+        For an ophyd-async detector: frames per route point, and the data keys of each frame's
+        measured x/y (the NDAttributes of the stage readbacks, ``SampleX``/``SampleY`` on the
+        simulated IOC).
 
     Notes
     -----
@@ -380,6 +391,12 @@ def spiral_ptycho_flyscan(
     if isinstance(exposure, bool) or not isinstance(exposure, numbers.Real) or not 0 < exposure <= 1.0 / rate:
         raise ValueError(f"exposure must be positive and at most the frame period 1/rate = {1.0 / rate:g} s, "
                          f"got {exposure!r}")
+    if _is_ophyd_async_detector(detector):
+        return (yield from _ophyd_async_flyscan(
+            detector, x_motor, y_motor, step=step, num_points=num_points, rate=rate, x_center=x_center,
+            y_center=y_center, route=route, exposure=exposure, labelled=labelled, flush_period=flush_period,
+            geometry=geometry, probe=probe, position_units=position_units, frames_per_point=frames_per_point,
+            position_keys=position_keys, md=md))
     for method in ("prepare", "kickoff", "complete", "collect_asset_docs"):
         if not callable(getattr(detector, method, None)):
             raise TypeError(f"{getattr(detector, 'name', detector)!r} is not a fly-scan detector (no {method}()); "
@@ -425,6 +442,92 @@ def spiral_ptycho_flyscan(
                                          (x_motor, y_motor), position_units)
         _md.update(merge_md(_md, md))
         yield from bps.prepare(detector, {"positions": xy}, wait=True)
+        return (yield from fly())
+
+    return (yield from inner())
+
+
+def _is_ophyd_async_detector(detector: Any) -> bool:
+    try:
+        from ophyd_async.core import StandardDetector
+    except ImportError:
+        return False
+    return isinstance(detector, StandardDetector)
+
+
+def _motor_limits(motor: Any):
+    """An EPICS motor's soft limits (``LLM``, ``HLM``) as its ``limits``, read in the plan."""
+    if getattr(motor, "limits", None) is None and hasattr(motor, "low_limit_travel"):
+        low = yield from bps.rd(motor.low_limit_travel)
+        high = yield from bps.rd(motor.high_limit_travel)
+        return (float(low), float(high))
+    return getattr(motor, "limits", None)
+
+
+def _ophyd_async_flyscan(detector: Any, x_motor: Any, y_motor: Any, *, step: float, num_points: int, rate: float,
+                         x_center: float, y_center: float, route: str | Path | None, exposure: float,
+                         labelled: bool | None, flush_period: float, geometry: Any, probe: Any, position_units: str,
+                         frames_per_point: int, position_keys: tuple[str, str], md: dict[str, Any] | None):
+    """The fly scan of an ophyd-async detector: ``prepare(TriggerInfo)``, ``kickoff``, the stage
+    walking the route, ``collect_while_completing``; every frame's position is the one the
+    hardware recorded with it."""
+    from ophyd_async.core import TriggerInfo
+
+    if isinstance(frames_per_point, bool) or not isinstance(frames_per_point, numbers.Integral) or frames_per_point < 1:
+        raise ValueError(f"frames_per_point must be an integer >= 1, got {frames_per_point!r}")
+    if len(position_keys) != 2 or not all(isinstance(k, str) and k for k in position_keys):
+        raise ValueError(f"position_keys must be two data keys (x, y), got {position_keys!r}")
+    xy = spiral_ptycho_pattern(x_center, y_center, step, num_points, route)
+    for motor, values in ((x_motor, xy[:, 0]), (y_motor, xy[:, 1])):
+        limits = yield from _motor_limits(motor)
+        if limits and limits[0] < limits[1] and (values.min() < limits[0] or values.max() > limits[1]):
+            raise ValueError(f"the scan moves {motor.name} over [{values.min():.4g}, {values.max():.4g}] but its "
+                             f"soft limits are [{limits[0]:.4g}, {limits[1]:.4g}]: reduce step or num_points")
+    geometry_md, probe_md = _recorded(geometry, probe, position_units)
+    period = 1.0 / rate
+    frames = num_points * frames_per_point
+    pattern_args = {"x_center": x_center, "y_center": y_center, "step": step, "num_points": num_points,
+                    "route": None if route is None else str(route)}
+    _md = _pattern_md("spiral_ptycho_flyscan", {
+        "detector": repr(detector), "x_motor": repr(x_motor), "y_motor": repr(y_motor), **pattern_args,
+        "rate": rate, "exposure": exposure, "labelled": labelled, "frames_per_point": frames_per_point},
+        xy, x_motor, y_motor, pattern_args)
+    setpoints = [getattr(m, "user_setpoint", m) for m in (x_motor, y_motor)]
+
+    def walk():
+        """The stage follows the route, one point every frames_per_point frame periods."""
+        last_collect = 0
+        for i, (x, y) in enumerate(xy):
+            yield from bps.abs_set(setpoints[0], float(x), group="walk")
+            yield from bps.abs_set(setpoints[1], float(y), group="walk")
+            yield from bps.sleep(frames_per_point * period)
+            if (i - last_collect) * frames_per_point * period >= flush_period:
+                yield from bps.collect(detector, name="primary")
+                last_collect = i
+        yield from bps.wait(group="walk")
+
+    @bpp.stage_decorator([detector])
+    def fly():
+        if hasattr(detector, "driver"):  # an areaDetector: the frame period (TriggerInfo sets it only with dead time)
+            yield from bps.mv(detector.driver.acquire_period, period)
+        yield from bps.prepare(detector, TriggerInfo(number_of_events=frames, livetime=exposure,
+                                                     deadtime=max(period - exposure, 0.0)), wait=True)
+        uid = yield from bps.open_run(_md)
+        yield from bps.declare_stream(detector, name="primary", collect=True)
+        yield from bps.kickoff(detector, wait=True)
+        yield from walk()
+        yield from bps.collect_while_completing([detector], [detector], flush_period=flush_period,
+                                                stream_name="primary")
+        yield from bps.close_run()
+        return uid
+
+    def inner():
+        yield from bps.mv(x_motor, xy[0, 0], y_motor, xy[0, 1])
+        meta = _ptycho_metadata([detector], step, num_points, labelled, None, geometry_md, probe_md,
+                                (x_motor, y_motor), position_units, exposure)
+        meta.update(position_keys=list(position_keys), mode="fly", frame_rate_hz=float(rate))
+        _md[META_KEY] = EdgePtychoMeta.from_dict(meta).to_dict()
+        _md.update(merge_md(_md, md))
         return (yield from fly())
 
     return (yield from inner())

@@ -142,3 +142,39 @@ def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_label
         assert source == "rpie" and labelled.frames.shape[0] == 60 and np.isfinite(labelled.phases).all()
     finally:
         session.close()
+
+
+@pytest.mark.slow
+def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_measured_position(
+        RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan
+    from edge_ptycho_bluesky.runs import read_scan
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+    from edge_ptycho_bluesky.training.shipped import init_registry
+
+    det, mx, my = stock_devices
+    init_registry(tmp_path / "registry")
+    tag = uuid.uuid4().hex[:8]
+    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
+        registry=tmp_path / "registry", input_pv=f"iocfly:{tag}:frames", output_pv=f"iocfly:{tag}:phase",
+        status_pv=f"iocfly:{tag}:status", engine="onnxruntime", refine=False,
+        detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
+    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    try:
+        (uid,) = RE(spiral_ptycho_flyscan(det, mx, my, step=0.05, num_points=300, rate=500.0, frames_per_point=2,
+                                          geometry=GEOMETRY, probe=ioc.probe_path))
+        run = tiled_client[uid]
+        scan = read_scan(run)  # positions: the SampleX/SampleY the IOC recorded with each frame
+        assert scan.frames.shape == (600, 128, 128)
+        route = run.metadata["start"]["plan_pattern_args"]
+        assert route["num_points"] == 300
+        xy_um = scan.positions_m * 1e6
+        assert np.isfinite(xy_um).all() and np.ptp(xy_um[:, 0]) > 0.5  # the stage moved along the spiral
+        assert run.metadata["start"]["edge_ptycho"]["frame_rate_hz"] == 500.0
+        result = session.wait_stored(uid, timeout=120)
+        assert len(result.frame_indices) == 600 and not result.missing, (len(result.frame_indices), result.missing[:5])
+        np.testing.assert_allclose(result.positions_um, xy_um[result.frame_indices], atol=1e-6)
+    finally:
+        session.close()

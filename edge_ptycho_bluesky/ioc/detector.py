@@ -12,7 +12,7 @@ published as NTNDArrays (``uniqueId``, time stamps, NDAttributes) and handed to 
 
 NDAttributes follow ``NDAttributesFile`` (XML, or the path of an XML file), as areaDetector's:
 ``type="EPICS_PV"`` attributes read this IOC's records (a motor's ``.RBV`` at the frame's
-mid-exposure), ``type="PARAM"`` ones the driver's ``ACQ_TIME``, ``ACQ_PERIOD``, ``ARRAY_COUNTER``.
+mid-exposure), ``type="PARAM"`` ones the driver's ``ACQ_TIME``, ``ACQ_PERIOD``, ``UNIQUE_ID``.
 """
 
 from __future__ import annotations
@@ -246,9 +246,7 @@ class SimDetectorDriver:
                 mid = [t0 + (done + k) * period + exposure / 2 for k in range(n)]
                 xy = np.array([[self._positions[a](t) for a in self._axes] for t in mid])
                 frames = await asyncio.to_thread(self._measure, xy, exposure)
-                for k in range(n):
-                    await self._deliver(np.asarray(frames[k]).astype(dtype, copy=False), exposure, period,
-                                        attributes, mid[k])
+                await self._deliver(np.asarray(frames).astype(dtype, copy=False), exposure, period, attributes, mid)
                 done += n
         except Exception as exc:  # the acquisition ends in Error; what was written stays written
             failed = exc
@@ -260,24 +258,30 @@ class SimDetectorDriver:
             await self.acquire_rbv.write("Done")
             await self.acquire.write("Done", verify_value=False)
 
-    async def _deliver(self, frame: NDArray[Any], exposure: float, period: float, attributes: list[NDAttribute],
-                       t_mid: float) -> None:
-        unique_id = int(self.unique_id.value) + 1
-        timestamp = time.time() - (time.monotonic() - t_mid)
-        values = {a.name: self._attribute_value(a, exposure, period, t_mid) for a in attributes}
+    async def _deliver(self, frames: NDArray[Any], exposure: float, period: float, attributes: list[NDAttribute],
+                       t_mid: list[float]) -> None:
+        """Publish each frame (PVA), then hand them to the file writer and count them (once per batch:
+        clients see the counters step by the batch when acquisition runs behind)."""
+        first = int(self.unique_id.value) + 1
+        offset = time.time() - time.monotonic()
+        stamps = [offset + t for t in t_mid]
+        values = [{a.name: self._attribute_value(a, exposure, period, t, first + k) for a in attributes}
+                  for k, t in enumerate(t_mid)]
         if self._publish is not None:
-            self._publish(frame, unique_id, values, timestamp)
-        await self.writer.write(frame, unique_id, timestamp, values)
-        self.frames_total += 1
-        await self.unique_id.write(unique_id)
-        await self.array_counter_rbv.write(int(self.array_counter_rbv.value) + 1)
-        await self.num_images_counter.write(int(self.num_images_counter.value) + 1)
-        await self.time_stamp.write(timestamp)
+            for k, frame in enumerate(frames):
+                self._publish(frame, first + k, values[k], stamps[k])
+        await self.writer.write(frames, first, stamps, values)
+        n = len(frames)
+        self.frames_total += n
+        await self.unique_id.write(first + n - 1)
+        await self.array_counter_rbv.write(int(self.array_counter_rbv.value) + n)
+        await self.num_images_counter.write(int(self.num_images_counter.value) + n)
+        await self.time_stamp.write(stamps[-1])
 
-    def _attribute_value(self, attribute: NDAttribute, exposure: float, period: float, t_mid: float) -> float:
+    def _attribute_value(self, attribute: NDAttribute, exposure: float, period: float, t_mid: float,
+                         unique_id: int) -> float:
         if attribute.kind == "PARAM":
-            params = {"ACQ_TIME": exposure, "ACQ_PERIOD": period,
-                      "ARRAY_COUNTER": float(self.array_counter_rbv.value) + 1}
+            params = {"ACQ_TIME": exposure, "ACQ_PERIOD": period, "UNIQUE_ID": float(unique_id)}
             return float(params.get(attribute.source, math.nan))
         if attribute.source in self._positions:
             return float(self._positions[attribute.source](t_mid))

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import h5py
@@ -193,9 +193,9 @@ class HDF5Writer:
         self._ended.set()
 
     # -- frames --------------------------------------------------------------------------------
-    async def write(self, frame: NDArray[Any], unique_id: int, timestamp: float,
-                    attributes: Mapping[str, float]) -> None:
-        """Append one frame (the driver's callback); a no-op unless capturing."""
+    async def write(self, frames: NDArray[Any], first_unique_id: int, timestamps: Sequence[float],
+                    attributes: Sequence[Mapping[str, float]]) -> None:
+        """Append a batch of frames (the driver's callback); a no-op unless capturing."""
         if self._file is None:
             return
         async with self._write_lock:
@@ -203,38 +203,45 @@ class HDF5Writer:
             if f is None:
                 return
             n = int(self.num_captured.value)
+            limit = int(self.num_capture.value)
+            take = len(frames) if not limit else min(len(frames), limit - n)
             try:
-                await asyncio.to_thread(self._append, f, n, frame, unique_id, timestamp, attributes)
+                await asyncio.to_thread(self._append, f, n, frames[:take], first_unique_id, timestamps[:take],
+                                        attributes[:take])
             except Exception as exc:
-                logger.exception("%s: writing frame %d failed", self.prefix, n)
+                logger.exception("%s: writing frames %d-%d failed", self.prefix, n, n + take - 1)
                 await self.records.pvdb[self.prefix + "WriteMessage"].write(str(exc)[:200])
                 await self.records.pvdb[self.prefix + "WriteStatus"].write(1)
                 raise
-        await self.num_captured.write(n + 1)
-        await self.unique_id.write(int(unique_id))
-        await self.array_counter.write(int(self.array_counter.value) + 1)
-        limit = int(self.num_capture.value)
-        if limit and n + 1 >= limit:
+        await self.num_captured.write(n + take)
+        await self.unique_id.write(first_unique_id + take - 1)
+        await self.array_counter.write(int(self.array_counter.value) + take)
+        if limit and n + take >= limit:
             await self.close_file(f"NumCapture = {limit} frames written")
 
-    def _append(self, f: h5py.File, n: int, frame: NDArray[Any], unique_id: int, timestamp: float,
-                attributes: Mapping[str, float]) -> None:
+    def _append(self, f: h5py.File, n: int, frames: NDArray[Any], first_unique_id: int, timestamps: Sequence[float],
+                attributes: Sequence[Mapping[str, float]]) -> None:
+        shape = frames.shape[1:]
         if n == 0:  # the layout is fixed by the first frame, then SWMR
-            f.create_dataset(FRAME_DATASET, shape=(0, *frame.shape), maxshape=(None, *frame.shape),
-                             chunks=(1, *frame.shape), dtype=frame.dtype)
-            self._attribute_names = ("NDArrayUniqueId", "NDArrayTimeStamp", *attributes)
+            f.create_dataset(FRAME_DATASET, shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape),
+                             dtype=frames.dtype)
+            self._attribute_names = ("NDArrayUniqueId", "NDArrayTimeStamp", *attributes[0])
             for name in self._attribute_names:
                 f.create_dataset(f"{ATTRIBUTE_GROUP}/{name}", shape=(0,), maxshape=(None,),
                                  chunks=(ATTRIBUTE_CHUNK,), dtype="<i4" if name == "NDArrayUniqueId" else "<f8")
             f.swmr_mode = True
-        values = {"NDArrayUniqueId": unique_id, "NDArrayTimeStamp": timestamp, **attributes}
+        stop = n + len(frames)
+        columns = {"NDArrayUniqueId": np.arange(first_unique_id, first_unique_id + len(frames)),
+                   "NDArrayTimeStamp": np.asarray(timestamps, dtype=np.float64)}
+        for name in self._attribute_names[2:]:
+            columns[name] = np.array([a.get(name, np.nan) for a in attributes], dtype=np.float64)
         data = f[FRAME_DATASET]
-        data.resize(n + 1, axis=0)
-        data[n] = frame
+        data.resize(stop, axis=0)
+        data[n:stop] = frames
         for name in self._attribute_names:
             d = f[f"{ATTRIBUTE_GROUP}/{name}"]
-            d.resize(n + 1, axis=0)
-            d[n] = values.get(name, np.nan)
+            d.resize(stop, axis=0)
+            d[n:stop] = columns[name]
         f.flush()
 
 
