@@ -62,7 +62,8 @@ class IocProcess:
         """Start it and wait until it serves its records (RuntimeError with its output if not)."""
         cmd = [sys.executable, "-m", "edge_ptycho_bluesky.ioc.server", "--prefix", self.prefix, *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     text=True, env=env)
         ready = threading.Event()
         threading.Thread(target=self._pump, args=(self.proc, ready), daemon=True, name="ioc-output").start()
         deadline = time.monotonic() + timeout

@@ -16,5 +16,5 @@ from edge_ptycho_bluesky.training.shipped import init_registry_if_empty
 
 init_registry_if_empty(EdgeSessionConfig.from_env(storage.data_dir).registry)
 edge = start_edge_session(RE, catalog, storage)
-if edge is not None:  # fly scans (spiral_ptycho_flyscan with fly_det) stream straight to the worker
+if edge is not None and hasattr(fly_det, "publisher"):  # the simulated fly_det streams straight to the worker
     edge.attach_fly_detector(fly_det)
