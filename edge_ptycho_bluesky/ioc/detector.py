@@ -148,6 +148,17 @@ class SimDetectorDriver:
         r.long("MaxSizeY_RBV", h)
         r.long("ArraySize_RBV", w * h * 4)
         r.setting("double", "Gain", 1.0)
+        r.setting("long", "NumExposures", 1, check=self._fixed("NumExposures", 1))
+        r.long("NumExposuresCounter_RBV", 0)
+        r.setting("enum", "ArrayCallbacks", "Enable", choices=["Disable", "Enable"])
+        for name in ("ReverseX", "ReverseY"):
+            r.setting("enum", name, "No", choices=["No", "Yes"])
+        # ADSimDetector's own pattern settings (unused: the frames are the sample's diffraction)
+        for name in ("GainRed", "GainGreen", "GainBlue", "GainX", "GainY"):
+            r.setting("double", name, 1.0)
+        for name in ("PeakNumX", "PeakNumY", "PeakStartX", "PeakStartY", "PeakStepX", "PeakStepY", "PeakWidthX",
+                     "PeakWidthY"):
+            r.setting("long", name, 1)
         self.num_images_counter = r.long("NumImagesCounter_RBV", 0)
         self.state = r.enum("DetectorState_RBV", "Idle", choices=STATES)
         self.message = r.text("StatusMessage_RBV", "Waiting for acquire command")
@@ -156,7 +167,7 @@ class SimDetectorDriver:
         r.enum("WaitForPlugins", "No", choices=["No", "Yes"])
         for name, value in (("Manufacturer_RBV", "Simulated detector"), ("Model_RBV", "edge_ptycho_bluesky IOC"),
                             ("SerialNumber_RBV", "0"), ("SDKVersion_RBV", "n/a"), ("FirmwareVersion_RBV", "n/a")):
-            r.text(name, value)
+            r.string(name, value)
         self._task: asyncio.Task[None] | None = None
         self._stop = False
         self.frames_total = 0

@@ -61,19 +61,20 @@ def ndarray_base_records(r: RecordSet, *, port: str, frame_shape: tuple[int, int
         "array_counter": r.setting("long", "ArrayCounter", 0)[1],
         "time_stamp": r.double("TimeStamp_RBV"),
     }
-    r.text("PortName_RBV", port)
+    r.string("PortName_RBV", port)
     out["attributes_file"] = r.text("NDAttributesFile", attributes_xml)
     for name, value in (("ArraySizeX_RBV", w), ("ArraySizeY_RBV", h), ("ArraySizeZ_RBV", 0), ("ArraySize0_RBV", w),
                         ("ArraySize1_RBV", h), ("ArraySize2_RBV", 0), ("NDimensions_RBV", 2)):
         r.long(name, value)
     if driver:
         out["data_type"] = r.setting("enum", "DataType", data_type, choices=DATA_TYPES, check=data_type_check)[1]
+        r.long("DataType_RBV.DISA", 0)  # the record's disable field (ophyd reads it)
         r.setting("enum", "ColorMode", "Mono", choices=COLOR_MODES)
     else:
         r.enum("DataType_RBV", data_type, choices=DATA_TYPES)
         r.enum("ColorMode_RBV", "Mono", choices=COLOR_MODES)
-    r.text("ADCoreVersion_RBV", "3.12.1")
-    r.text("DriverVersion_RBV", "edge_ptycho_bluesky simulated")
+    r.string("ADCoreVersion_RBV", "3.12.1")
+    r.string("DriverVersion_RBV", "edge_ptycho_bluesky sim")
     return out
 
 
@@ -93,14 +94,13 @@ class HDF5Writer:
         r.long("ArraySize0", w)
         r.long("ArraySize1", h)
         r.long("ArraySize2", 0)
-        r.text("PluginType_RBV", "NDFileHDF5")
+        r.string("PluginType_RBV", "NDFileHDF5")
         self.file_path = r.setting("text", "FilePath", "", check=self._check_path)[1]
         self.path_exists = r.enum("FilePathExists_RBV", "No", choices=YES_NO)
         self.file_name = r.setting("text", "FileName", "")[1]
         self.template = r.setting("text", "FileTemplate", "%s%s_%6.6d.h5")[1]
         self.full_name = r.text("FullFileName_RBV", "")
-        self.file_number = r.long("FileNumber", 0)
-        r.long("FileNumber_RBV", 0)
+        self.file_number, self.file_number_rbv = r.setting("long", "FileNumber", 0)
         self.auto_increment = r.setting("enum", "AutoIncrement", "Yes", choices=YES_NO)[1]
         r.setting("enum", "FileWriteMode", "Stream", choices=["Single", "Capture", "Stream"])
         self.num_capture = r.setting("long", "NumCapture", 0, check=_non_negative("NumCapture"))[1]
@@ -109,7 +109,8 @@ class HDF5Writer:
         self.capture_rbv = r.enum("Capture_RBV", "Done", choices=["Done", "Capture"])
         self.create_directory = r.setting("long", "CreateDirectory", 0)[1]
         for name, value in (("LazyOpen", "No"), ("SWMRMode", "Yes"), ("ChunkSizeAuto", "Yes"), ("PositionMode", "No"),
-                            ("StoreAttr", "Yes"), ("StorePerform", "No")):
+                            ("StoreAttr", "Yes"), ("StorePerform", "No"), ("AutoSave", "No"),
+                            ("BlockingCallbacks", "No")):
             r.setting("enum", name, value, choices=YES_NO)
         r.setting("enum", "Compression", "None", choices=["None", "N-bit", "szip", "zlib", "Blosc", "BSLZ4", "LZ4",
                                                           "JPEG"])
@@ -117,10 +118,15 @@ class HDF5Writer:
         r.setting("long", "NumExtraDims", 0)
         r.setting("text", "XMLFileName", "")
         r.enum("FlushNow", "No", choices=YES_NO, on_put=self._put_flush)
-        r.setting("text", "NDArrayPort", "SIM1")
+        r.setting("string", "NDArrayPort", "SIM1")
         r.setting("enum", "EnableCallbacks", "Enable", choices=["Disable", "Enable"])
         r.setting("long", "NDArrayAddress", 0)
         r.setting("long", "QueueSize", 2000)
+        for axis in ("X", "Y", "N"):  # extra dimensions: none
+            r.setting("long", f"ExtraDimSize{axis}", 1)
+            r.string(f"ExtraDimName{axis}_RBV", "")
+        for name in ("Dim0SA", "Dim1SA", "Dim2SA"):
+            r.long(name, 0)
         r.text("WriteMessage", "")
         r.long("WriteStatus", 0)
         self._file: h5py.File | None = None
@@ -163,7 +169,7 @@ class HDF5Writer:
         await self.full_name.write(full)
         await self.num_captured.write(0)
         if self.auto_increment.value == "Yes":
-            await self.file_number.write(int(self.file_number.value) + 1, verify_value=False)
+            await self.file_number.write(int(self.file_number.value) + 1)
         await self.capture_rbv.write("Capture")
         self._ended.clear()
         logger.info("%s: capturing to %s", self.prefix, full)
