@@ -161,13 +161,16 @@ class EdgeSession:
 
         c = self.config
         (data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        try:
-            options = RefineOptions(probe_refine_after=c.refine_probe_after or None)
-            self.refiner = RefinerProcess(c.input_pv, c.output_pv, c.image_pv, options=options,
-                                          log_path=data_dir / "logs" / "edge-refiner.log").start(timeout)
-        except Exception:  # the AI path goes on without it
-            logger.exception("edge: the live refiner could not start; the AI image alone is shown and stored")
-            self.refiner = None
+        options = RefineOptions(probe_refine_after=c.refine_probe_after or None)
+        for attempt in (1, 2):  # once more: pvapy has been seen to abort a child while it subscribes
+            try:
+                self.refiner = RefinerProcess(c.input_pv, c.output_pv, c.image_pv, options=options,
+                                              log_path=data_dir / "logs" / "edge-refiner.log").start(timeout)
+                return
+            except Exception:  # the AI path goes on without it
+                self.refiner = None
+                logger.exception("edge: the live refiner could not start (attempt %d of 2)%s", attempt,
+                                 "; the AI image alone is shown and stored" if attempt == 2 else "")
 
     def _deployed_probe(self) -> Any:
         """The deployed model version's probe (for runs that record none), or None."""

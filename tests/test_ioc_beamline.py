@@ -4,6 +4,8 @@ stream, stitched, refined and stored; replayed; labelled by rPIE."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 from pathlib import Path
 
@@ -43,6 +45,25 @@ def RE():
     loop.call_soon_threadsafe(loop.stop)
     engine._th.join()
     loop.close()
+
+
+@contextlib.contextmanager
+def watchdog(RE, seconds: float):
+    """Pause a plan that has not finished after ``seconds`` (a status that never completes would
+    otherwise hang the RunEngine forever), so the test fails saying which message it waited on."""
+    last: list = [None]
+    hook = RE.msg_hook
+    RE.msg_hook = lambda msg: last.__setitem__(0, msg)
+    timer = threading.Timer(seconds, RE.request_pause, kwargs={"defer": False})
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        RE.msg_hook = hook
+        if RE.state == "paused":
+            RE.abort(f"the plan did not finish in {seconds} s")
+            pytest.fail(f"the plan did not finish in {seconds} s; its last message: {last[0]}")
 
 
 def _read(RE, signal):
@@ -114,11 +135,12 @@ def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_label
         registry=tmp_path / "registry", input_pv=f"ioc:{tag}:frames", output_pv=f"ioc:{tag}:phase",
         status_pv=f"ioc:{tag}:status", image_pv=f"ioc:{tag}:image", engine="onnxruntime", refine_seconds=3.0,
         detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
     try:
         assert session.relay is not None
-        (uid,) = RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY,
-                                       probe=ioc.probe_path))
+        with watchdog(RE, seconds=240):
+            (uid,) = RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY,
+                                           probe=ioc.probe_path))
         run = tiled_client[uid]
         start = run.metadata["start"]["edge_ptycho"]
         assert start["labelled"] and start["overlap_ratio"] > 0.8 and start["exposure_s"] > 0
@@ -141,6 +163,7 @@ def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_label
         labelled, source = label_run(tiled_client, run, rpie_iterations=5)
         assert source == "rpie" and labelled.frames.shape[0] == 60 and np.isfinite(labelled.phases).all()
     finally:
+        RE.unsubscribe(writer)
         session.close()
 
 
@@ -161,10 +184,11 @@ def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_
         registry=tmp_path / "registry", input_pv=f"iocfly:{tag}:frames", output_pv=f"iocfly:{tag}:phase",
         status_pv=f"iocfly:{tag}:status", engine="onnxruntime", refine=False,
         detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
     try:
-        (uid,) = RE(spiral_ptycho_flyscan(det, mx, my, step=0.05, num_points=300, rate=500.0, frames_per_point=2,
-                                          geometry=GEOMETRY, probe=ioc.probe_path))
+        with watchdog(RE, seconds=240):
+            (uid,) = RE(spiral_ptycho_flyscan(det, mx, my, step=0.05, num_points=300, rate=500.0,
+                                              frames_per_point=2, geometry=GEOMETRY, probe=ioc.probe_path))
         run = tiled_client[uid]
         scan = read_scan(run)  # positions: the SampleX/SampleY the IOC recorded with each frame
         assert scan.frames.shape == (600, 128, 128)
@@ -177,6 +201,7 @@ def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_
         assert len(result.frame_indices) == 600 and not result.missing, (len(result.frame_indices), result.missing[:5])
         np.testing.assert_allclose(result.positions_um, xy_um[result.frame_indices], atol=1e-6)
     finally:
+        RE.unsubscribe(writer)
         session.close()
 
 
@@ -199,7 +224,7 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
     from edge_ptycho_bluesky.training.labelling import label_run
     from edge_ptycho_bluesky.training.shipped import init_registry
 
-    EpicsSignalBase.set_defaults(connection_timeout=5.0, timeout=10.0)
+    EpicsSignalBase.set_defaults(connection_timeout=60.0, timeout=30.0)  # a loaded CI machine
     frames_dir = str(storage_config.frames_dir) + "/"
 
     class HDF5(HDF5Plugin, FileStoreHDF5IterativeWrite):
@@ -210,23 +235,25 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
 
     det = Detector(ioc.prefix, name="v1det")
     det.hdf1.kind = "normal"
+    det.cam.stage_sigs["num_images"] = 1  # as beamline profiles do: SingleTrigger takes NumImages frames a trigger
     mx, my = EpicsMotor(ioc.prefix + "m1", name="v1x"), EpicsMotor(ioc.prefix + "m2", name="v1y")
-    for device in (mx, my):
-        device.wait_for_connection(timeout=10)
+    for device in (det, mx, my):
+        device.wait_for_connection(timeout=60)
     init_registry(tmp_path / "registry")
     tag = uuid.uuid4().hex[:8]
     session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
         registry=tmp_path / "registry", input_pv=f"iocv1:{tag}:frames", output_pv=f"iocv1:{tag}:phase",
         status_pv=f"iocv1:{tag}:status", engine="onnxruntime", refine=False,
         detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
     try:
-        # ophyd's SingleTrigger loses a trigger whose acquisition ends before trigger() returns (tens of
-        # ms here): an exposure well above that
-        (uid,) = RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, exposure=0.1, geometry=GEOMETRY,
-                                       probe=ioc.probe_path))
+        # ophyd's SingleTrigger returns None from trigger() when the acquisition ends before trigger()
+        # returns (it takes 5-50 ms here): an exposure well above that
+        with watchdog(RE, seconds=240):
+            (uid,) = RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, exposure=0.2,
+                                           geometry=GEOMETRY, probe=ioc.probe_path))
         run = tiled_client[uid]
-        assert run.metadata["start"]["edge_ptycho"]["exposure_s"] == pytest.approx(0.1)
+        assert run.metadata["start"]["edge_ptycho"]["exposure_s"] == pytest.approx(0.2)
         scan = read_scan(run)
         assert scan.frames.shape == (60, 128, 128) and scan.frames.sum() > 0
         result = session.wait_stored(uid, timeout=120)
@@ -238,4 +265,5 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
         labelled, _ = label_run(tiled_client, run, rpie_iterations=3)
         assert labelled.frames.shape[0] == 60
     finally:
+        RE.unsubscribe(writer)
         session.close()

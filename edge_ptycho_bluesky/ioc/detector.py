@@ -169,6 +169,7 @@ class SimDetectorDriver:
                             ("SerialNumber_RBV", "0"), ("SDKVersion_RBV", "n/a"), ("FirmwareVersion_RBV", "n/a")):
             r.string(name, value)
         self._task: asyncio.Task[None] | None = None
+        self._finishing = False  # the acquisition has ended and is posting its final state
         self._stop = False
         self.frames_total = 0
         self.late_frames = 0
@@ -226,8 +227,10 @@ class SimDetectorDriver:
                 await asyncio.shield(self._task)
             return "Done"
         if self._task is not None and not self._task.done():
-            raise SkipWrite()  # already acquiring: as areaDetector, a second Acquire = 1 changes nothing
-        self._stop = False
+            if not self._finishing:
+                raise SkipWrite()  # already acquiring: as areaDetector, a second Acquire = 1 changes nothing
+            await asyncio.shield(self._task)  # a client saw Done and triggers again: the next acquisition
+        self._stop, self._finishing = False, False
         await self.acquire.write("Acquire", verify_value=False)
         await self.acquire_rbv.write("Acquire")
         await self.state.write("Acquire")
@@ -263,11 +266,12 @@ class SimDetectorDriver:
             failed = exc
             logger.exception("%s: acquisition failed after %d frames", self.prefix, done)
         finally:
+            self._finishing = True
             final = "Error" if failed else "Aborted" if self._stop and (count is None or done < count) else "Idle"
             await self.state.write(final)
             await self.message.write(f"{final}: {failed}" if failed else f"{final}: {done} frames")
-            await self.acquire_rbv.write("Done")
             await self.acquire.write("Done", verify_value=False)
+            await self.acquire_rbv.write("Done")  # last: clients (ophyd's SingleTrigger) watch the readback
 
     async def _deliver(self, frames: NDArray[Any], exposure: float, period: float, attributes: list[NDAttribute],
                        t_mid: list[float]) -> None:

@@ -47,6 +47,7 @@ class MotorAxis:
         self._target = 0.0
         self._speed = float(velocity)
         self._mover: asyncio.Task[None] | None = None
+        self._finishing = False  # the move has arrived and is posting DMOV = 1
         self._done = asyncio.Event()
         self._done.set()
         r = self.records = RecordSet(self.name)
@@ -115,9 +116,12 @@ class MotorAxis:
         if low < high and not low <= target <= high:
             raise Refused(f"{self.name}: {target} is outside the soft limits [{low}, {high}] "
                           f"(LLM, HLM); the move was not started")
+        if self._mover is not None and not self._mover.done() and self._finishing:
+            await asyncio.shield(self._mover)  # a client saw DMOV = 1 and moves again: a new move, new DMOV edge
         self._start_segment(target)
         self._done.clear()
         if self._mover is None or self._mover.done():
+            self._finishing = False
             self._mover = asyncio.get_running_loop().create_task(self._move())
         await self._done.wait()  # the put completes when the move has ended (DMOV = 1)
         return self._target
@@ -133,6 +137,7 @@ class MotorAxis:
                     break
                 await asyncio.sleep(self.tick)
         finally:
+            self._finishing = True
             await self.movn.write(0)
             await self.dmov.write(1)
             self._done.set()

@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .server import DEFAULT_PREFIX, READY_LINE
+from .server import DEFAULT_PREFIX, PARENT_ENV, READY_LINE
 
 __all__ = ["IocProcess", "loopback_ca_env"]
 
@@ -61,7 +61,7 @@ class IocProcess:
     def start(self, timeout: float = 60.0) -> IocProcess:
         """Start it and wait until it serves its records (RuntimeError with its output if not)."""
         cmd = [sys.executable, "-m", "edge_ptycho_bluesky.ioc.server", "--prefix", self.prefix, *self.args]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})  # ends with this process
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)
         ready = threading.Event()

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFIX = "13SIM1:"
 #: What the IOC prints on stdout once its servers answer (``IocProcess`` waits for it).
 READY_LINE = "edge-ptycho ioc ready"
+#: Set by a parent that starts the IOC as its child (tests, the profile): the IOC stops when that
+#: process has gone, however it ended, instead of holding the Channel Access search port.
+PARENT_ENV = "EDGE_PTYCHO_IOC_PARENT_PID"
 
 
 class BeamlineIOC:
@@ -114,6 +117,13 @@ async def serve(ioc: BeamlineIOC, host: str) -> None:
     await ctx.run(log_pv_names=False, startup_hook=ready)
 
 
+async def _stop_with_parent(pid: int, task: asyncio.Task[None]) -> None:
+    while os.getppid() == pid:
+        await asyncio.sleep(1.0)
+    logger.warning("the process that started this IOC (pid %d) has ended: stopping", pid)
+    task.cancel()
+
+
 DESCRIPTION = (
     "A simulated ptychography beamline IOC: motor records PREFIXm1/m2 (um), an ADSimDetector-compatible "
     "driver PREFIXcam1:, an NDFileHDF5-compatible writer PREFIXHDF1: and the NTNDArray stream "
@@ -158,11 +168,15 @@ def run(args: argparse.Namespace) -> int:
         task = loop.create_task(serve(ioc, args.host))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
+        parent = os.environ.get(PARENT_ENV, "")
+        watcher = loop.create_task(_stop_with_parent(int(parent), task)) if parent.isdigit() else None
         try:
             loop.run_until_complete(task)
         except asyncio.CancelledError:
             pass
         finally:  # frames already captured stay in a closed, readable file
+            if watcher is not None:
+                watcher.cancel()
             loop.run_until_complete(ioc.hdf.close_file("IOC stopped"))
             loop.close()
         return 0
