@@ -86,6 +86,10 @@ class DetectorRelay:
         if name == "start":
             with self._lock:
                 self._runs.append(_Run(doc["uid"], float(doc["time"])))
+            if not self.connected:
+                logger.warning("run %s starts while the detector stream %s is not connected (its IOC down or "
+                               "restarting?): frames it publishes before the stream reconnects are not inferred "
+                               "live; replay the run afterwards", doc["uid"], self.source_pv)
         elif name == "stop":
             with self._lock:
                 for run in self._runs:

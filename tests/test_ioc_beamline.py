@@ -267,3 +267,74 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
     finally:
         RE.unsubscribe(writer)
         session.close()
+
+
+@pytest.mark.slow
+def test_an_ioc_that_dies_mid_scan_fails_the_plan_cleanly_and_the_relay_reconnects_when_it_returns(
+        RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
+    """The IOC is killed (SIGKILL) during a scan: the plan fails with the run closed, the frames the
+    IOC wrote before dying are stored and readable; started again, its stream reaches the session's
+    relay again (the devices reconnect as Channel Access clients do: seconds to a minute later).
+    The module's IOC: the last test of the module (one simulated IOC on loopback at a time: a Channel
+    Access search sent to 127.0.0.1 reaches only one of several servers there)."""
+    import time
+
+    from caproto.sync.client import write
+
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
+    from edge_ptycho_bluesky.runs import read_scan
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+    from edge_ptycho_bluesky.training.shipped import init_registry
+
+    det, mx, my = stock_devices
+    dying, prefix, probe = ioc, ioc.prefix, ioc.probe_path
+    init_registry(tmp_path / "registry")
+    tag = uuid.uuid4().hex[:8]
+    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
+        registry=tmp_path / "registry", input_pv=f"iocf:{tag}:frames", output_pv=f"iocf:{tag}:phase",
+        status_pv=f"iocf:{tag}:status", engine="onnxruntime", refine=False,
+        detector_pv=prefix + "Pva1:Image"), plot=False)
+    events: list[str] = []
+
+    def kill_after_20(name, doc):
+        if name == "start":
+            events.append(doc["uid"])
+        elif name == "event" and len(events) == 21:
+            threading.Thread(target=dying.kill, daemon=True).start()
+        if name == "event":
+            events.append(doc["uid"])
+
+    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    killer = RE.subscribe(kill_after_20)
+    back = None
+    try:
+        with watchdog(RE, seconds=240), pytest.raises(Exception) as failure:
+            RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY, probe=probe))
+        RE.unsubscribe(killer)
+        assert dying.proc.poll() is not None, f"the IOC was not killed; the plan failed otherwise: {failure.value}"
+        run = tiled_client[events[0]]
+        assert run.metadata["stop"]["exit_status"] == "fail"  # the run is closed
+        scan = read_scan(run)  # what the IOC wrote before it died: stored and readable
+        n = scan.frames.shape[0]
+        assert 20 <= n < 60 and scan.frames.sum() > 0 and scan.positions_m.shape == (n, 2)
+
+        assert not session.relay.connected
+        back = IocProcess(prefix, ioc.args).start()  # the IOC returns, same records
+        deadline = time.monotonic() + 60
+        while not session.relay.connected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session.relay.connected, "the relay did not reconnect to the IOC's stream"
+        between = session.relay.counts["between_runs"]  # 10 frames outside any run, started by hand
+        for name, value in (("ImageMode", [1]), ("NumImages", [10]), ("AcquireTime", [0.01]), ("Acquire", [1])):
+            write(prefix + "cam1:" + name, value, notify=True, timeout=30)
+        deadline = time.monotonic() + 60
+        while session.relay.counts["between_runs"] < between + 10 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert session.relay.counts["between_runs"] == between + 10, session.relay.counts  # the stream is back
+    finally:
+        RE.unsubscribe(writer)
+        session.close()
+        if back is not None:
+            back.stop()
