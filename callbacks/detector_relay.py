@@ -21,9 +21,12 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from edge_ptycho_bluesky.edge.ntnda import Frame
 from edge_ptycho_bluesky.edge.pva_clients import PvaFrameSource
@@ -31,6 +34,9 @@ from edge_ptycho_bluesky.edge.pva_clients import PvaFrameSource
 __all__ = ["DetectorRelay"]
 
 logger = logging.getLogger(__name__)
+
+#: Frames per run whose lag is kept (``lag_ms``).
+MAX_LAGS = 100_000
 
 
 @dataclass
@@ -40,6 +46,7 @@ class _Run:
     t_stop: float | None = None
     first_unique_id: int | None = None
     relayed: int = 0
+    lags_s: list[float] = field(default_factory=list)  # arrival here - the frame's time stamp
 
 
 class DetectorRelay:
@@ -138,6 +145,18 @@ class DetectorRelay:
                                scan_uid=run.uid, attributes=extra, timestamp=frame.t_in)
         run.relayed += 1
         self.counts["relayed"] += 1
+        if len(run.lags_s) < MAX_LAGS:
+            run.lags_s.append(time.time() - frame.t_in)
+
+    def lag_ms(self, uid: str) -> tuple[float, float] | None:
+        """Median and 99th percentile of how long after its time stamp each frame of run ``uid``
+        reached the relay (the detector's lag behind its own clock plus the network), in ms."""
+        with self._lock:
+            lags = next((run.lags_s for run in self._runs if run.uid == uid), None)
+        if not lags:
+            return None
+        p50, p99 = np.percentile(np.asarray(lags) * 1e3, [50, 99])
+        return float(p50), float(p99)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
