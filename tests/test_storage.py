@@ -157,3 +157,62 @@ def test_a_tiled_profile_names_the_facility_server(RE, beamline, tmp_path, monke
     tiled.profiles.load_profiles.cache_clear()
     with pytest.raises(ValueError, match="not both"):
         StorageConfig(uri="http://x", profile="facility")
+
+
+@pytest.mark.slow
+def test_a_separate_tiled_server_set_up_like_a_facility_stores_the_scan(RE, beamline, tmp_path):
+    """`tiled serve config` in its own process, as a facility runs it: its own catalog, writable
+    storage for arrays and for tables (the events), the beamline's frame directory as readable
+    storage, an API key. The session's writer
+    registers the detector's files there, the frames read back, and a wrong key is refused."""
+    import secrets
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from edge_ptycho_bluesky.runs import read_scan
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+
+    beamline_storage = StorageConfig(data_dir=tmp_path / "beamline")  # the acquisition side
+    beamline_storage.frames_dir.mkdir(parents=True)
+    beamline.det.write_dir = beamline_storage.frames_dir
+    server_dir = tmp_path / "server"
+    (server_dir / "data").mkdir(parents=True)
+    key = secrets.token_hex(16)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (server_dir / "config.yml").write_text(
+        f"authentication:\n  single_user_api_key: \"{key}\"\n"
+        "trees:\n  - path: /\n    tree: catalog\n    args:\n"
+        f"      uri: \"sqlite:///{server_dir / 'catalog.db'}\"\n"
+        f"      writable_storage:\n        - \"{server_dir / 'data'}\"\n"
+        f"        - \"sqlite:///{server_dir / 'tabular.db'}\"\n"
+        f"      readable_storage:\n        - \"{beamline_storage.frames_dir}\"\n"
+        "      init_if_not_exists: true\n")
+    log = open(tmp_path / "tiled.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tiled", "serve", "config", str(server_dir / "config.yml"),
+                             "--host", "127.0.0.1", "--port", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        facility = StorageConfig(data_dir=tmp_path / "beamline", uri=f"http://127.0.0.1:{port}/api", api_key=key)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = connect(facility)
+                break
+            except StorageError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.5)
+        RE.subscribe(make_tiled_writer(client, facility))
+        (uid,) = RE(spiral_ptycho_scan([beamline.det], beamline.stage.x, beamline.stage.y, step=0.05, num_points=6))
+        scan = read_scan(get_run(client, uid))  # the server reads the detector's file from readable storage
+        assert scan.frames.shape == (6, 128, 128) and scan.frames.sum() > 0
+        assert not list(facility.backup_dir.glob("*.jsonl"))  # nothing fell back to a local backup
+        with pytest.raises(StorageError):
+            connect(StorageConfig(data_dir=tmp_path / "other", uri=facility.uri, api_key="wrong-key"))
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
