@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from records import machine, record, write_json  # benchmarks/records.py
 
 GEOMETRY = {"energy_kev": 10.0, "detector_distance_m": 1.0, "detector_pixel_m": 75e-6, "frame_size": 128}
@@ -41,8 +40,9 @@ GEOMETRY = {"energy_kev": 10.0, "detector_distance_m": 1.0, "detector_pixel_m": 
 def fly(RE: Any, devices: tuple[Any, Any, Any], ioc: Any, rate: float, args: argparse.Namespace,
         storage: Any, registry: Path) -> dict[str, Any]:
     from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan
+
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.runs import read_scan
     from edge_ptycho_bluesky.storage import connect, make_tiled_writer
 

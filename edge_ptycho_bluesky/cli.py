@@ -21,7 +21,7 @@ COMMANDS = {
     "infer": "edge_ptycho_bluesky.model.infer_cli",
     "bench": "edge_ptycho_bluesky.bench_cli",
     "reproduce": "edge_ptycho_bluesky.reproduce_cli",
-    "ioc": "edge_ptycho_bluesky.ioc.server",
+    "ioc": "edge_ptycho_bluesky.ioc.cli",
 }
 
 

@@ -16,7 +16,7 @@ pytest.importorskip("pvaccess")
 pytest.importorskip("caproto")
 pytest.importorskip("ophyd_async")
 
-from edge_ptycho_bluesky.ioc.process import IocProcess, loopback_ca_env  # noqa: E402
+from edge_ptycho_bluesky.ioc.process import IocProcess, loopback_ca_env
 
 loopback_ca_env()
 
@@ -120,9 +120,10 @@ def test_ioc_serves_what_stock_devices_read_and_refuses_bad_writes(RE, ioc, stoc
 def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_labelled(
         RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
     from edge_ptycho_bluesky.callbacks.session import EdgeSession
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
+
     from edge_ptycho_bluesky.derived import find_derived_runs
     from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from edge_ptycho_bluesky.runs import read_scan
     from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.labelling import label_run
@@ -171,8 +172,9 @@ def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_label
 def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_measured_position(
         RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
     from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan
+
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.runs import read_scan
     from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.shipped import init_registry
@@ -210,15 +212,15 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
         RE, ioc, tiled_client, storage_config, tmp_path):
     """ophyd v1's stock SimDetector (SimDetectorCam + HDF5 plugin: Resource/Datum) and EpicsMotor on the
     same IOC: stored, inferred live from its stream, stitched, replayed from its file, labelled."""
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from ophyd import Component, EpicsMotor
     from ophyd.areadetector import SimDetector, SingleTrigger
     from ophyd.areadetector.filestore_mixins import FileStoreHDF5IterativeWrite
     from ophyd.areadetector.plugins import HDF5Plugin
     from ophyd.signal import EpicsSignalBase
 
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
     from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from edge_ptycho_bluesky.runs import read_scan
     from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.labelling import label_run
@@ -280,10 +282,10 @@ def test_an_ioc_that_dies_mid_scan_fails_the_plan_cleanly_and_the_relay_reconnec
     import time
 
     from caproto.sync.client import write
-
     from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.plans import spiral_ptycho_scan
+
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.runs import read_scan
     from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.shipped import init_registry

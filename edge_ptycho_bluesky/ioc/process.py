@@ -60,7 +60,7 @@ class IocProcess:
 
     def start(self, timeout: float = 60.0) -> IocProcess:
         """Start it and wait until it serves its records (RuntimeError with its output if not)."""
-        cmd = [sys.executable, "-m", "edge_ptycho_bluesky.ioc.server", "--prefix", self.prefix, *self.args]
+        cmd = [sys.executable, "-m", "edge_ptycho_bluesky.ioc.cli", "--prefix", self.prefix, *self.args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **{PARENT_ENV: str(os.getpid())})  # ends with this process
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True, env=env)

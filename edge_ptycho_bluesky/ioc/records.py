@@ -13,10 +13,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from caproto import ChannelChar, ChannelData, ChannelDouble, ChannelEnum, ChannelInteger, ChannelString, ChannelType
-from caproto import native_type
+from caproto import (
+    ChannelChar,
+    ChannelData,
+    ChannelDouble,
+    ChannelEnum,
+    ChannelInteger,
+    ChannelString,
+    ChannelType,
+    native_type,
+)
 
-__all__ = ["Refused", "RecordSet"]
+__all__ = ["RecordSet", "Refused"]
 
 #: Longest string a text record holds (areaDetector's file paths and NDAttributes XML are
 #: char waveforms, not 40-character EPICS strings).

@@ -15,14 +15,10 @@ loopback only unless ``--host`` says otherwise.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
-import sys
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +30,7 @@ from .hdf_writer import HDF5Writer, ndarray_base_records
 from .motor import MotorAxis
 from .records import RecordSet
 
-__all__ = ["BeamlineIOC", "DEFAULT_PREFIX", "READY_LINE", "main"]
+__all__ = ["DEFAULT_PREFIX", "READY_LINE", "BeamlineIOC", "serve_forever"]
 
 logger = logging.getLogger(__name__)
 
@@ -124,48 +120,22 @@ async def _stop_with_parent(pid: int, task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
-DESCRIPTION = (
-    "A simulated ptychography beamline IOC: motor records PREFIXm1/m2 (um), an ADSimDetector-compatible "
-    "driver PREFIXcam1:, an NDFileHDF5-compatible writer PREFIXHDF1: and the NTNDArray stream "
-    "PREFIXPva1:Image, whose frames are the simulated sample's diffraction at the stage's position.")
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prefix", default=DEFAULT_PREFIX, help=f"record prefix (default {DEFAULT_PREFIX})")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="interface to serve on (default 127.0.0.1: loopback only; 0.0.0.0: every interface)")
-    p.add_argument("--sample", default="test", choices=["train", "varied", "test"],
-                   help="simulated sample (default test: letters)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sample and the photon noise (default 0)")
-    p.add_argument("--extent", type=float, default=1.6, help="largest |x|, |y| of the beam (um, default 1.6)")
-    p.add_argument("--velocity", type=float, default=200.0, help="axis speed (um/s, default 200)")
-    p.add_argument("--save-probe", type=Path, default=None, metavar="FILE.npy",
-                   help="write the simulated probe (complex, photons/s) to FILE.npy: the probe= of a plan, as a "
-                        "reference scan's reconstruction would give it at a real beamline")
-    p.add_argument("--no-pva", action="store_true", help="do not serve PREFIXPva1:Image")
-    p.add_argument("--list-pvs", action="store_true", help="print the record names and exit")
-
-
-def add_subcommand(sub: Any) -> None:
-    p = sub.add_parser("ioc", help="run the simulated beamline IOC (EPICS records)", description=DESCRIPTION)
-    _add_arguments(p)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    """Serve the IOC until SIGINT/SIGTERM (``edge-ptycho ioc``)."""
-    if args.host in ("127.0.0.1", "localhost"):  # pvAccess too: loopback only
+def serve_forever(prefix: str = DEFAULT_PREFIX, *, host: str = "127.0.0.1", sample: str = "test",
+                  extent_um: float = 1.6, seed: int = 0, velocity_um_s: float = 200.0, pva: bool = True,
+                  save_probe: str | os.PathLike[str] | None = None, list_pvs: bool = False) -> int:
+    """Serve the IOC until SIGINT/SIGTERM, or until the process named by ``EDGE_PTYCHO_IOC_PARENT_PID``
+    ends (``edge-ptycho ioc``); ``list_pvs``: print the record names and return."""
+    if host in ("127.0.0.1", "localhost"):  # pvAccess too: loopback only
         os.environ.setdefault("EPICS_PVAS_INTF_ADDR_LIST", "127.0.0.1")
-    ioc = BeamlineIOC(args.prefix, sample=args.sample, extent_um=args.extent, seed=args.seed,
-                      velocity_um_s=args.velocity, pva=not args.no_pva)
+    ioc = BeamlineIOC(prefix, sample=sample, extent_um=extent_um, seed=seed, velocity_um_s=velocity_um_s, pva=pva)
     try:
-        if args.list_pvs:
+        if list_pvs:
             print("\n".join(sorted(ioc.pvdb)))
             return 0
-        if args.save_probe is not None:
-            np.save(args.save_probe, ioc.sample.probe.astype(np.complex64))
+        if save_probe is not None:
+            np.save(save_probe, ioc.sample.probe.astype(np.complex64))
         loop = asyncio.new_event_loop()
-        task = loop.create_task(serve(ioc, args.host))
+        task = loop.create_task(serve(ioc, host))
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         parent = os.environ.get(PARENT_ENV, "")
@@ -182,16 +152,3 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         ioc.close()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m edge_ptycho_bluesky.ioc.server", description=DESCRIPTION)
-    _add_arguments(p)
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
