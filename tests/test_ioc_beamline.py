@@ -66,6 +66,29 @@ def watchdog(RE, seconds: float):
             pytest.fail(f"the plan did not finish in {seconds} s; its last message: {last[0]}")
 
 
+@contextlib.contextmanager
+def edge_session(RE, ioc, tiled_client, storage_config, tmp_path, **config):
+    """The edge session on the IOC's ``Pva1:Image`` stream (embedded worker, the shipped model) and a
+    Tiled writer, both removed afterwards: the module's tests share one RunEngine."""
+    from edge_ptycho_bluesky.callbacks.session import EdgeSession
+    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.storage import make_tiled_writer
+    from edge_ptycho_bluesky.training.shipped import init_registry
+
+    init_registry(tmp_path / "registry")
+    tag = uuid.uuid4().hex[:8]
+    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
+        registry=tmp_path / "registry", input_pv=f"ioc:{tag}:frames", output_pv=f"ioc:{tag}:phase",
+        status_pv=f"ioc:{tag}:status", image_pv=f"ioc:{tag}:image", engine="onnxruntime",
+        detector_pv=ioc.prefix + "Pva1:Image", **{"refine": False, **config}), plot=False)
+    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))
+    try:
+        yield session
+    finally:
+        RE.unsubscribe(writer)
+        session.close()
+
+
 def _read(RE, signal):
     out = []
 
@@ -119,25 +142,13 @@ def test_ioc_serves_what_stock_devices_read_and_refuses_bad_writes(RE, ioc, stoc
 @pytest.mark.slow
 def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_labelled(
         RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
-
     from edge_ptycho_bluesky.derived import find_derived_runs
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from edge_ptycho_bluesky.runs import read_scan
-    from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.labelling import label_run
-    from edge_ptycho_bluesky.training.shipped import init_registry
 
     det, mx, my = stock_devices
-    init_registry(tmp_path / "registry")
-    tag = uuid.uuid4().hex[:8]
-    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
-        registry=tmp_path / "registry", input_pv=f"ioc:{tag}:frames", output_pv=f"ioc:{tag}:phase",
-        status_pv=f"ioc:{tag}:status", image_pv=f"ioc:{tag}:image", engine="onnxruntime", refine_seconds=3.0,
-        detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
-    try:
+    with edge_session(RE, ioc, tiled_client, storage_config, tmp_path, refine=True, refine_seconds=3.0) as session:
         assert session.relay is not None
         with watchdog(RE, seconds=240):
             (uid,) = RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY,
@@ -163,31 +174,16 @@ def test_a_stock_ophyd_async_scan_is_stored_inferred_stitched_replayed_and_label
 
         labelled, source = label_run(tiled_client, run, rpie_iterations=5)
         assert source == "rpie" and labelled.frames.shape[0] == 60 and np.isfinite(labelled.phases).all()
-    finally:
-        RE.unsubscribe(writer)
-        session.close()
 
 
 @pytest.mark.slow
 def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_measured_position(
         RE, ioc, stock_devices, tiled_client, storage_config, tmp_path):
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
     from edge_ptycho_bluesky.plans import spiral_ptycho_flyscan
-
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
     from edge_ptycho_bluesky.runs import read_scan
-    from edge_ptycho_bluesky.storage import make_tiled_writer
-    from edge_ptycho_bluesky.training.shipped import init_registry
 
     det, mx, my = stock_devices
-    init_registry(tmp_path / "registry")
-    tag = uuid.uuid4().hex[:8]
-    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
-        registry=tmp_path / "registry", input_pv=f"iocfly:{tag}:frames", output_pv=f"iocfly:{tag}:phase",
-        status_pv=f"iocfly:{tag}:status", engine="onnxruntime", refine=False,
-        detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
-    try:
+    with edge_session(RE, ioc, tiled_client, storage_config, tmp_path) as session:
         with watchdog(RE, seconds=240):
             (uid,) = RE(spiral_ptycho_flyscan(det, mx, my, step=0.05, num_points=300, rate=500.0,
                                               frames_per_point=2, geometry=GEOMETRY, probe=ioc.probe_path))
@@ -202,9 +198,6 @@ def test_an_ophyd_async_fly_scan_at_500_hz_stores_and_infers_every_frame_at_its_
         result = session.wait_stored(uid, timeout=120)
         assert len(result.frame_indices) == 600 and not result.missing, (len(result.frame_indices), result.missing[:5])
         np.testing.assert_allclose(result.positions_um, xy_um[result.frame_indices], atol=1e-6)
-    finally:
-        RE.unsubscribe(writer)
-        session.close()
 
 
 @pytest.mark.slow
@@ -212,19 +205,15 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
         RE, ioc, tiled_client, storage_config, tmp_path):
     """ophyd v1's stock SimDetector (SimDetectorCam + HDF5 plugin: Resource/Datum) and EpicsMotor on the
     same IOC: stored, inferred live from its stream, stitched, replayed from its file, labelled."""
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from ophyd import Component, EpicsMotor
     from ophyd.areadetector import SimDetector, SingleTrigger
     from ophyd.areadetector.filestore_mixins import FileStoreHDF5IterativeWrite
     from ophyd.areadetector.plugins import HDF5Plugin
     from ophyd.signal import EpicsSignalBase
 
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from edge_ptycho_bluesky.runs import read_scan
-    from edge_ptycho_bluesky.storage import make_tiled_writer
     from edge_ptycho_bluesky.training.labelling import label_run
-    from edge_ptycho_bluesky.training.shipped import init_registry
 
     EpicsSignalBase.set_defaults(connection_timeout=60.0, timeout=30.0)  # a loaded CI machine
     frames_dir = str(storage_config.frames_dir) + "/"
@@ -241,14 +230,7 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
     mx, my = EpicsMotor(ioc.prefix + "m1", name="v1x"), EpicsMotor(ioc.prefix + "m2", name="v1y")
     for device in (det, mx, my):
         device.wait_for_connection(timeout=60)
-    init_registry(tmp_path / "registry")
-    tag = uuid.uuid4().hex[:8]
-    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
-        registry=tmp_path / "registry", input_pv=f"iocv1:{tag}:frames", output_pv=f"iocv1:{tag}:phase",
-        status_pv=f"iocv1:{tag}:status", engine="onnxruntime", refine=False,
-        detector_pv=ioc.prefix + "Pva1:Image"), plot=False)
-    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))  # the module's RE: unsubscribed below
-    try:
+    with edge_session(RE, ioc, tiled_client, storage_config, tmp_path) as session:
         # ophyd's SingleTrigger returns None from trigger() when the acquisition ends before trigger()
         # returns (it takes 5-50 ms here): an exposure well above that
         with watchdog(RE, seconds=240):
@@ -266,9 +248,6 @@ def test_ophyd_v1_areadetector_and_epics_motors_resource_datum_end_to_end(
         np.testing.assert_allclose(replayed.positions_um, result.positions_um, atol=2e-3)
         labelled, _ = label_run(tiled_client, run, rpie_iterations=3)
         assert labelled.frames.shape[0] == 60
-    finally:
-        RE.unsubscribe(writer)
-        session.close()
 
 
 @pytest.mark.slow
@@ -282,22 +261,12 @@ def test_an_ioc_that_dies_mid_scan_fails_the_plan_cleanly_and_the_relay_reconnec
     import time
 
     from caproto.sync.client import write
-    from edge_ptycho_bluesky.callbacks.session import EdgeSession
-    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
 
-    from edge_ptycho_bluesky.edge.session import EdgeSessionConfig
+    from edge_ptycho_bluesky.plans import spiral_ptycho_scan
     from edge_ptycho_bluesky.runs import read_scan
-    from edge_ptycho_bluesky.storage import make_tiled_writer
-    from edge_ptycho_bluesky.training.shipped import init_registry
 
     det, mx, my = stock_devices
     dying, prefix, probe = ioc, ioc.prefix, ioc.probe_path
-    init_registry(tmp_path / "registry")
-    tag = uuid.uuid4().hex[:8]
-    session = EdgeSession(RE, tiled_client, storage_config, EdgeSessionConfig(
-        registry=tmp_path / "registry", input_pv=f"iocf:{tag}:frames", output_pv=f"iocf:{tag}:phase",
-        status_pv=f"iocf:{tag}:status", engine="onnxruntime", refine=False,
-        detector_pv=prefix + "Pva1:Image"), plot=False)
     events: list[str] = []
 
     def kill_after_20(name, doc):
@@ -308,35 +277,33 @@ def test_an_ioc_that_dies_mid_scan_fails_the_plan_cleanly_and_the_relay_reconnec
         if name == "event":
             events.append(doc["uid"])
 
-    writer = RE.subscribe(make_tiled_writer(tiled_client, storage_config))
     killer = RE.subscribe(kill_after_20)
     back = None
-    try:
-        with watchdog(RE, seconds=240), pytest.raises(Exception) as failure:
-            RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY, probe=probe))
-        RE.unsubscribe(killer)
-        assert dying.proc.poll() is not None, f"the IOC was not killed; the plan failed otherwise: {failure.value}"
-        run = tiled_client[events[0]]
-        assert run.metadata["stop"]["exit_status"] == "fail"  # the run is closed
-        scan = read_scan(run)  # what the IOC wrote before it died: stored and readable
-        n = scan.frames.shape[0]
-        assert 20 <= n < 60 and scan.frames.sum() > 0 and scan.positions_m.shape == (n, 2)
+    with edge_session(RE, ioc, tiled_client, storage_config, tmp_path) as session:
+        try:
+            with watchdog(RE, seconds=240), pytest.raises(Exception) as failure:
+                RE(spiral_ptycho_scan([det], mx, my, step=0.05, num_points=60, geometry=GEOMETRY, probe=probe))
+            RE.unsubscribe(killer)
+            assert dying.proc.poll() is not None, f"the IOC was not killed; the plan failed otherwise: {failure.value}"
+            run = tiled_client[events[0]]
+            assert run.metadata["stop"]["exit_status"] == "fail"  # the run is closed
+            scan = read_scan(run)  # what the IOC wrote before it died: stored and readable
+            n = scan.frames.shape[0]
+            assert 20 <= n < 60 and scan.frames.sum() > 0 and scan.positions_m.shape == (n, 2)
 
-        assert not session.relay.connected
-        back = IocProcess(prefix, ioc.args).start()  # the IOC returns, same records
-        deadline = time.monotonic() + 60
-        while not session.relay.connected and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert session.relay.connected, "the relay did not reconnect to the IOC's stream"
-        between = session.relay.counts["between_runs"]  # 10 frames outside any run, started by hand
-        for name, value in (("ImageMode", [1]), ("NumImages", [10]), ("AcquireTime", [0.01]), ("Acquire", [1])):
-            write(prefix + "cam1:" + name, value, notify=True, timeout=30)
-        deadline = time.monotonic() + 60
-        while session.relay.counts["between_runs"] < between + 10 and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert session.relay.counts["between_runs"] == between + 10, session.relay.counts  # the stream is back
-    finally:
-        RE.unsubscribe(writer)
-        session.close()
-        if back is not None:
-            back.stop()
+            assert not session.relay.connected
+            back = IocProcess(prefix, ioc.args).start()  # the IOC returns, same records
+            deadline = time.monotonic() + 60
+            while not session.relay.connected and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert session.relay.connected, "the relay did not reconnect to the IOC's stream"
+            between = session.relay.counts["between_runs"]  # 10 frames outside any run, started by hand
+            for name, value in (("ImageMode", [1]), ("NumImages", [10]), ("AcquireTime", [0.01]), ("Acquire", [1])):
+                write(prefix + "cam1:" + name, value, notify=True, timeout=30)
+            deadline = time.monotonic() + 60
+            while session.relay.counts["between_runs"] < between + 10 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert session.relay.counts["between_runs"] == between + 10, session.relay.counts  # the stream is back
+        finally:
+            if back is not None:
+                back.stop()
