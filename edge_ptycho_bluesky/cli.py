@@ -33,8 +33,26 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = [COMMANDS[command]] if command in COMMANDS else list(dict.fromkeys(COMMANDS.values()))
     for module in modules:
-        importlib.import_module(module).add_subcommand(sub)
+        try:
+            importlib.import_module(module).add_subcommand(sub)
+        except ModuleNotFoundError as exc:  # an edge box installed with the worker extra alone
+            for name in (c for c, m in COMMANDS.items() if m == module):
+                _unavailable(sub, name, exc)
     return parser
+
+
+def _unavailable(sub: argparse._SubParsersAction, name: str, exc: ModuleNotFoundError) -> None:  # type: ignore[type-arg]
+    """A command whose dependencies this installation lacks: it says which, and how to add them."""
+    why = (f"'edge-ptycho {name}' needs {exc.name!r}, which is not installed here (an installation with the "
+           "worker extra alone runs 'edge-ptycho worker'); install 'edge_ptycho_bluesky[beamline]'")
+    p = sub.add_parser(name, help=f"(not installed: needs {exc.name})", add_help=False, prefix_chars="+")
+    p.add_argument("rest", nargs="*")  # whatever was given: the answer is the same
+
+    def refuse(args: argparse.Namespace) -> int:
+        print(f"edge-ptycho: {why}", file=sys.stderr)
+        return 2
+
+    p.set_defaults(func=refuse)
 
 
 def _command(argv: list[str]) -> str | None:

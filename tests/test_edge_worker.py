@@ -774,3 +774,54 @@ def test_positions_from_configured_attributes_in_other_units(model2: Path) -> No
         WorkerConfig(position_attributes=("SampleX",))
     with pytest.raises(ValueError, match="position_scale"):
         WorkerConfig(position_scale=0.0)
+
+
+#: What the edge box of a beamline lacks when installed with the ``worker`` extra alone.
+NOT_ON_THE_EDGE_BOX = ("torch", "bluesky", "ophyd", "ophyd_async", "tiled", "databroker", "scipy", "matplotlib",
+                       "skimage", "h5py", "caproto")
+
+
+def test_the_worker_runs_without_torch_bluesky_or_tiled(tmp_path: Path) -> None:
+    """The lean edge install (``pip install edge_ptycho_bluesky[worker]``): the worker process with
+    torch, bluesky, Tiled and the rest made unimportable infers every frame with ONNX Runtime."""
+    reg = ModelRegistry(tmp_path / "models")
+    reg.publish({"model.onnx": make_onnx(tmp_path / "a.onnx", 2.0)})
+    inp, out, status = _name("frames"), _name("phase"), _name("status")
+    pub = FramePublisher(inp)
+    received: list[Patch] = []
+    sub = PatchSubscriber(out, received.append)
+    blocked = "; ".join(f"sys.modules[{name!r}] = None" for name in NOT_ON_THE_EDGE_BOX)
+    code = (f"import sys; {blocked}; from edge_ptycho_bluesky.cli import main; "
+            f"sys.exit(main(['worker', '--registry', {str(reg.root)!r}, '--engine', 'onnxruntime', '--threads', '1', "
+            f"'--input', {inp!r}, '--output', {out!r}, '--status', {status!r}, '--status-period', '0.1']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    frames = frames_u16(20, seed=6)
+    try:
+        assert json.loads(proc.stdout.readline())["event"] == "started"  # type: ignore[union-attr]
+        sub.start()
+        assert sub.wait_ready(20.0)
+        assert _wait(lambda: _status_or_empty(status).get("received", 0) >= 1, 20.0)
+        for i in range(1, 21):
+            pub.publish(frames[i - 1], i, pos=(float(i), 0.0), scan_uid="lean")
+        assert _wait(lambda: len(received) >= 20, 20.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        sub.stop()
+        pub.close()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert sorted(p.unique_id for p in received) == list(range(1, 21))
+    np.testing.assert_allclose(received[0].phase, 2.0 * frames[received[0].unique_id - 1])
+    # the other commands say what they need instead of a traceback
+    demo = subprocess.run([sys.executable, "-c", f"import sys; {blocked}; from edge_ptycho_bluesky.cli import main; "
+                           "sys.exit(main(['demo', '--out', 'x']))"], env=subprocess_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert demo.returncode == 2 and "edge_ptycho_bluesky[beamline]" in demo.stderr, demo.stderr[-2000:]
+
+
+def _status_or_empty(channel: str) -> dict[str, Any]:
+    try:
+        return read_status(channel, timeout=1.0)
+    except Exception:
+        return {}

@@ -273,9 +273,10 @@ def engine_factory(kind: str = "auto", threads: int | None = None, *, spinning: 
         ort_opts: dict[str, Any] = {"allow_spinning": bool(spinning)}
         if threads is not None:
             ort_opts["intra_op_threads"] = int(threads)
-            import torch
+            if kind != "onnxruntime":  # torch's threads too (a lean edge install has no torch)
+                import torch
 
-            torch.set_num_threads(int(threads))
+                torch.set_num_threads(int(threads))
         if kind == "onnxruntime":
             return load_engine(path, "onnxruntime", **ort_opts)
         if kind == "auto":

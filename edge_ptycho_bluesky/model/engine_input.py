@@ -9,7 +9,9 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .ptychonn import FRAME_SHAPE
+from .preprocess import FRAME_SIZE
+
+FRAME_SHAPE: tuple[int, int] = (FRAME_SIZE, FRAME_SIZE)  # the networks' input (ptychonn.FRAME_SHAPE)
 
 __all__ = ["as_batch", "split_and_pad"]
 

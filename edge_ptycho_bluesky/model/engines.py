@@ -26,19 +26,18 @@ import copy
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
-import torch
 from numpy.typing import ArrayLike, NDArray
-from torch import nn
 
 from ..files import sha256_file
 from .engine_input import as_batch, split_and_pad
 from .errors import EngineUnavailable, InvalidModelError
-from .onnx_weights import ptychonn2_from_onnx, read_onnx
-from .ptychonn import load_model, phase_of
-from .tensorrt_engine import TensorRTEngine, tensorrt_unavailable_reason
+from .onnx_weights import read_onnx
+
+if TYPE_CHECKING:  # torch, and TensorRT, only for their engines: ONNX Runtime runs without them
+    from torch import nn
 
 __all__ = [
     "ENGINE_KINDS",
@@ -236,6 +235,11 @@ class TorchEngine:
         model_kwargs: Mapping[str, Any] | None = None,
         max_batch: int | None = None,
     ) -> None:
+        import torch
+
+        from .onnx_weights import ptychonn2_from_onnx
+        from .ptychonn import load_model
+
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise EngineUnavailable(
@@ -249,7 +253,7 @@ class TorchEngine:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer or None, got {max_batch!r}")
         self.source: str
-        if isinstance(model, nn.Module):
+        if isinstance(model, torch.nn.Module):
             module = copy.deepcopy(model)
             self.source = type(model).__name__
         else:
@@ -272,18 +276,22 @@ class TorchEngine:
         self.half = half
         self.name = f"torch-{self.device.type}" + ("-fp16" if half else "")
 
-    @torch.inference_mode()
     def infer(self, frames: ArrayLike) -> NDArray[np.float32]:
         """Phase ``(B, H, W) float32`` (radians) of frames ``(B, H, W)``/``(B, 1, H, W)`` float32."""
+        import torch
+
+        from .ptychonn import phase_of
+
         batch = as_batch(frames, None)
         if len(batch) == 0:
             return np.empty((0, *batch.shape[2:]), np.float32)
         results = []
-        for piece, _ in split_and_pad(batch, self.max_batch, pad=False):
-            x = torch.from_numpy(piece).to(self.device, non_blocking=True)
-            x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
-            phase = phase_of(self.model(x))
-            results.append(phase[:, 0].float().cpu().numpy())
+        with torch.inference_mode():
+            for piece, _ in split_and_pad(batch, self.max_batch, pad=False):
+                x = torch.from_numpy(piece).to(self.device, non_blocking=True)
+                x = x.to(dtype=self.dtype).contiguous(memory_format=self.memory_format)
+                phase = phase_of(self.model(x))
+                results.append(phase[:, 0].float().cpu().numpy())
         out = results[0] if len(results) == 1 else np.concatenate(results)
         return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -303,6 +311,13 @@ def available_engines() -> dict[str, str | None]:
         ort_reason = None
     except ImportError as exc:
         ort_reason = f"onnxruntime is not installed ({exc})"
+    try:
+        import torch
+    except ImportError as exc:  # a lean edge install: ONNX Runtime only
+        missing = f"torch is not installed ({exc})"
+        return {"onnxruntime": ort_reason, "torch-cpu": missing, "torch-cuda": missing, "tensorrt": missing}
+    from .tensorrt_engine import tensorrt_unavailable_reason
+
     cuda_reason = (
         None if torch.cuda.is_available()
         else f"no CUDA device (torch {torch.__version__}: torch.cuda.is_available() is False)"
@@ -354,6 +369,8 @@ def load_engine(path: str | Path, kind: EngineKind | str = "auto", **opts: Any) 
     if kind == "onnxruntime":
         return OnnxRuntimeEngine(path, **opts)
     if kind == "tensorrt":
+        from .tensorrt_engine import TensorRTEngine
+
         return TensorRTEngine(path, **opts)
     if kind == "torch":
         return TorchEngine(path, **opts)
@@ -365,6 +382,8 @@ def load_engine(path: str | Path, kind: EngineKind | str = "auto", **opts: Any) 
         )
     reasons = available_engines()
     if is_onnx and reasons["tensorrt"] is None:
+        from .tensorrt_engine import TensorRTEngine
+
         return TensorRTEngine(path, **opts.get("tensorrt", {}))
     torch_opts = dict(opts.get("torch", {}))
     if reasons["torch-cuda"] is None:

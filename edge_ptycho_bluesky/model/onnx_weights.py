@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
 from numpy.typing import NDArray
 from onnx import numpy_helper
-from torch import nn
 
 from .errors import InvalidModelError
-from .ptychonn import PtychoNN2
+
+if TYPE_CHECKING:  # torch only where weights are loaded: reading a graph needs onnx alone
+    from torch import nn
+
+    from .ptychonn import PtychoNN2
 
 __all__ = [
     "ConvSpec",
@@ -221,6 +224,8 @@ def _expected_ptychonn2_ops(n_levels: int) -> tuple[str, ...]:
 
 
 def _check_resizes(info: OnnxGraphInfo, model: nn.Module) -> None:
+    from torch import nn
+
     upsamples = [m for m in model.modules() if isinstance(m, nn.Upsample)]
     if len(upsamples) != len(info.resizes):
         raise InvalidModelError(
@@ -267,6 +272,9 @@ def load_onnx_weights(model: nn.Module, onnx_model: str | Path | onnx.ModelProto
     InvalidModelError
         If the graph's convolutions or upsampling do not fit the network.
     """
+    import torch
+    from torch import nn
+
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else read_onnx(onnx_model)
     info = onnx_graph_info(proto)
     inits = _initializers(proto)
@@ -318,6 +326,8 @@ def ptychonn2_from_onnx(onnx_model: str | Path | onnx.ModelProto) -> PtychoNN2:
     PtychoNN2
         The network with the graph's weights, in eval mode, float32 on the CPU.
     """
+    from .ptychonn import PtychoNN2
+
     proto = onnx_model if isinstance(onnx_model, onnx.ModelProto) else read_onnx(onnx_model)
     info = onnx_graph_info(proto)
     n_levels = info.ops.count("MaxPool")
